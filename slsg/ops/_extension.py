@@ -1,0 +1,78 @@
+"""Loads the compiled extension (slsg._C) and decides, per op and device, whether to use it.
+
+Without the extension every op falls back to its pure-PyTorch reference, after one clear
+warning. SLSG_BACKEND=reference forces the fallback (useful to compare or to debug).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+OPS = ("sphere_distance", "topk_mean", "greedy_coreset")
+
+
+def _load() -> tuple[bool, str | None]:
+    if os.environ.get("SLSG_BACKEND", "").lower() == "reference":
+        return False, "SLSG_BACKEND=reference"
+    try:
+        from slsg import _C  # noqa: F401  (importing registers the torch.ops.slsg kernels)
+    except ImportError as exc:
+        return False, str(exc)
+    return True, None
+
+
+EXTENSION_LOADED, _LOAD_ERROR = _load()
+if not EXTENSION_LOADED:
+    warnings.warn(
+        "slsg: compiled kernels (slsg._C) are not available "
+        f"({_LOAD_ERROR}); falling back to the pure-PyTorch reference ops, which are slower. "
+        "Build them with `pip install -e . --no-build-isolation`.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the extension has a kernel for `op` on `device_type` ("cpu" or "cuda")."""
+    if not EXTENSION_LOADED:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"slsg::{op}", key)
+
+
+def use_extension(op: str, device: torch.device, backend: str) -> bool:
+    """Resolve a per-call backend choice: "auto" | "extension" | "reference"."""
+    if backend == "reference":
+        return False
+    available = has_kernel(op, device.type)
+    if backend == "extension" and not available:
+        raise RuntimeError(
+            f"{op}: backend='extension' requested but the compiled extension has no {device.type} "
+            f"kernel ({_LOAD_ERROR or 'built without ' + device.type.upper() + ' support'})"
+        )
+    if backend not in ("auto", "extension"):
+        raise ValueError(f"{op}: backend must be 'auto', 'extension' or 'reference', got {backend!r}")
+    return available
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str  # "extension" or "reference"
+    devices: tuple[str, ...]  # devices the extension has kernels for
+    reason: str | None = None  # why the extension is not in use
+
+    def __str__(self) -> str:
+        if self.name == "extension":
+            return f"extension ({', '.join(self.devices)})"
+        return f"reference ({self.reason})"
+
+
+def backend() -> BackendInfo:
+    """Which implementation the ops use and which devices the extension supports."""
+    if not EXTENSION_LOADED:
+        return BackendInfo("reference", (), _LOAD_ERROR)
+    devices = tuple(d for d in ("cpu", "cuda") if all(has_kernel(op, d) for op in OPS))
+    return BackendInfo("extension", devices)

@@ -1,0 +1,56 @@
+"""Coreset selection op: greedy_coreset (Python face and fake kernel)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from ._extension import EXTENSION_LOADED, use_extension
+from ._validate import check_int, check_tensor
+
+
+def coreset_plan(
+    x: torch.Tensor, seed: int = 0, projection_dim: int | None = 128
+) -> tuple[torch.Tensor, int]:
+    """The seeded inputs of the greedy selection: the (optionally) randomly projected
+    features and the starting row. Shared by every backend so they select identically."""
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(x.shape[0], (1,), generator=generator))
+    if projection_dim is not None and projection_dim < x.shape[1]:
+        # Gaussian random projection (Johnson-Lindenstrauss): distances survive, cost drops.
+        proj = torch.randn(x.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
+        x = x @ proj.to(device=x.device, dtype=x.dtype)
+    return x, start
+
+
+def greedy_coreset(
+    x: torch.Tensor,
+    n: int,
+    seed: int = 0,
+    projection_dim: int | None = 128,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Indices ``[n]`` of a k-center greedy coreset of the rows of ``x [N, D]`` (PatchCore).
+
+    The features are first projected to ``projection_dim`` dimensions with a seeded
+    Gaussian projection (None: no projection); the start row is drawn from the same seed.
+    Every backend makes the identical selection for the same seed.
+    """
+    op = "greedy_coreset"
+    check_tensor(op, "x", x, ndim=2, shape_hint="[N, D]", nonempty=True)
+    check_int(op, "n", n, 1, x.shape[0], "N")
+    if projection_dim is not None:
+        check_int(op, "projection_dim", projection_dim, 1, 1 << 30, "max")
+    projected, start = coreset_plan(x, seed, projection_dim)
+    if use_extension(op, x.device, backend) and (x.is_cuda or x.dtype in (torch.float32, torch.float64)):
+        return torch.ops.slsg.greedy_coreset(projected.contiguous(), n, start)
+    return reference.greedy_coreset(projected, n, start)
+
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("slsg::greedy_coreset")
+    def _greedy_coreset_fake(x, n, start):
+        return x.new_empty((n,), dtype=torch.long)
