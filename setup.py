@@ -10,9 +10,8 @@ of torch are present. Environment switches:
 """
 from __future__ import annotations
 
-import glob
+import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -21,42 +20,19 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 
 
-def find_cuda_home() -> str | None:
-    """Toolkit root: $CUDA_HOME, else the real nvcc's parent (nvcc on PATH may be a wrapper
-    script, which fools torch's own guess), else the usual install locations."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = Path(nvcc).resolve()
-        candidates.append(str(real.parent.parent))
-        try:  # a wrapper like `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
-            for word in real.read_text(errors="ignore").split():
-                if word.endswith("/bin/nvcc"):
-                    candidates.append(str(Path(word).parent.parent))
-        except OSError:
-            pass
-    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    for c in candidates:
-        if c and (Path(c) / "bin" / "nvcc").is_file() and (Path(c) / "include" / "cuda_runtime.h").is_file():
-            return c
-    return None
+def _load_toolkit_helpers():
+    # By file path: importing the slsg package here would need the extension being built.
+    spec = importlib.util.spec_from_file_location("_slsg_toolkit", ROOT / "slsg" / "_toolkit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def nvidia_wheel_includes() -> list[str]:
-    """Headers shipped in torch's nvidia-* wheels (e.g. cuBLAS) that a bare toolkit may lack."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("nvidia")
-    if spec is None or not spec.submodule_search_locations:
-        return []
-    dirs = []
-    for base in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
-    return dirs
+toolkit = _load_toolkit_helpers()
 
 
 with_cuda_env = os.environ.get("SLSG_WITH_CUDA", "auto").lower()
-cuda_home = find_cuda_home() if with_cuda_env != "0" else None
+cuda_home = toolkit.find_cuda_home() if with_cuda_env != "0" else None
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
 
@@ -82,7 +58,7 @@ include_dirs = [str(CSRC)]
 if use_cuda:
     sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
     extra_compile_args["nvcc"] = ["-O3", "--threads", "2", "-lineinfo"] if not debug else ["-O0", "-g"]
-    include_dirs += nvidia_wheel_includes()
+    include_dirs += toolkit.nvidia_wheel_includes()
     Extension = CUDAExtension
 else:
     Extension = CppExtension

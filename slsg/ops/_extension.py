@@ -35,12 +35,18 @@ if not EXTENSION_LOADED:
     )
 
 
+# Looked up once: a plain dict stays traceable by torch.compile, the dispatcher query does not.
+_KERNELS = {
+    (op, device): EXTENSION_LOADED
+    and torch._C._dispatch_has_kernel_for_dispatch_key(f"slsg::{op}", device.upper())
+    for op in OPS
+    for device in ("cpu", "cuda")
+}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the extension has a kernel for `op` on `device_type` ("cpu" or "cuda")."""
-    if not EXTENSION_LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"slsg::{op}", key)
+    return _KERNELS.get((op, device_type), False)
 
 
 def use_extension(op: str, device: torch.device, backend: str) -> bool:

@@ -26,7 +26,7 @@ def check_tensor(
     if t.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype in ({names}), got {t.dtype}")
-    if nonempty and t.numel() == 0:
+    if nonempty and (t.dim() == 0 or t.shape[0] == 0):
         raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)})")
     return t
 

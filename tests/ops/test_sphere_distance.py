@@ -1,0 +1,166 @@
+import pytest
+import torch
+
+from slsg import ops
+from slsg.ops import reference
+
+from .helpers import devices, needs_extension, noncontiguous
+
+
+def exact_values(x, centers, radii, index):
+    """||x - c||^2 - r^2 at the returned indices, computed directly in float64."""
+    diff = x.double().unsqueeze(1) - centers.double()[index]
+    values = diff.square().sum(-1)
+    if radii is not None:
+        values = values - radii.double()[index].square()
+    return values
+
+
+def check_against_reference(x, centers, radii, k, atol=1e-3):
+    dist, index = ops.sphere_distance(x, centers, radii, k)
+    ref_dist, _ = reference.sphere_distance(x.cpu(), centers.cpu(), None if radii is None else radii.cpu(), k)
+    assert dist.shape == (x.shape[0], k) and index.shape == (x.shape[0], k)
+    assert index.dtype == torch.long
+    # Distances agree with the reference; returned indices really achieve them.
+    torch.testing.assert_close(dist.cpu().double(), ref_dist.double(), atol=atol, rtol=1e-4)
+    torch.testing.assert_close(exact_values(x.cpu(), centers.cpu(), radii.cpu() if radii is not None else None, index.cpu()), dist.cpu().double(), atol=atol, rtol=1e-4)
+    assert (dist[:, 1:] >= dist[:, :-1]).all(), "distances must be ascending"
+    assert (index.sort(1).values.diff(dim=1) != 0).all(), "indices within a row must differ"
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "M,K,D,k",
+    [(1, 1, 1, 1), (1, 7, 3, 7), (37, 1, 13, 1), (200, 5000, 13, 4), (513, 4097, 64, 1), (64, 300, 130, 10)],
+)
+@pytest.mark.parametrize("with_radii", [False, True])
+def test_matches_reference(device, M, K, D, k, with_radii):
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + D + k)
+    x = torch.randn(M, D, generator=g).to(device)
+    centers = torch.randn(K, D, generator=g).to(device)
+    radii = torch.rand(K, generator=g).to(device) if with_radii else None
+    check_against_reference(x, centers, radii, k)
+
+
+@needs_extension
+def test_noncontiguous_inputs():
+    g = torch.Generator().manual_seed(1)
+    x, centers, radii = torch.randn(100, 33, generator=g), torch.randn(700, 33, generator=g), torch.rand(1400, generator=g)[::2]
+    assert not radii.is_contiguous()
+    a = ops.sphere_distance(noncontiguous(x), noncontiguous(centers), radii, k=3)
+    b = ops.sphere_distance(x, centers, radii.contiguous(), k=3)
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_exact_ties_go_to_lowest_index(backend):
+    # Small integers make every distance exact in float32, so ties are real ties.
+    centers = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    x = torch.zeros(3, 2)
+    dist, index = ops.sphere_distance(x, centers, k=6, backend=backend)
+    assert (dist == 1).all()
+    assert index.tolist() == [[0, 1, 2, 3, 4, 5]] * 3
+    dist, index = ops.sphere_distance(torch.tensor([[2.0, 0.0]]), centers, k=2, backend=backend)
+    assert index.tolist() == [[0, 2]] and dist.tolist() == [[1.0, 1.0]]
+    # Radii can create ties between different centres too.
+    # x = (2, 0): c1, c4, c5 are at 5; c3 at 9 - r^2 = 5 with r = 2: four-way tie at 5.
+    radii = torch.tensor([0.0, 0.0, 0.0, 2.0, 0.0, 0.0])
+    dist, index = ops.sphere_distance(torch.tensor([[2.0, 0.0]]), centers, radii, k=4, backend=backend)
+    assert index.tolist() == [[0, 2, 1, 3]] and dist.tolist() == [[1.0, 1.0, 5.0, 5.0]]
+
+
+def test_radii_shift_the_nearest_sphere():
+    centers = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0]])
+    assert ops.sphere_distance(x, centers)[1].item() == 0
+    dist, index = ops.sphere_distance(x, centers, torch.tensor([0.0, 2.5]))
+    assert index.item() == 1 and dist.item() == pytest.approx(4.0 - 6.25)
+
+
+def test_empty_queries():
+    dist, index = ops.sphere_distance(torch.zeros(0, 5), torch.randn(4, 5), k=2)
+    assert dist.shape == (0, 2) and index.shape == (0, 2)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((torch.randn(3, 4).int(), torch.randn(5, 4)), {}, "dtype"),
+        ((torch.randn(3, 4), torch.randn(5, 4).double()), {}, "dtype mismatch"),
+        ((torch.randn(4), torch.randn(5, 4)), {}, "x must be 2-D"),
+        ((torch.randn(3, 4), torch.randn(5, 4, 1)), {}, "centers must be 2-D"),
+        ((torch.randn(3, 4), torch.randn(5, 6)), {}, "feature sizes differ"),
+        ((torch.randn(3, 4), torch.randn(0, 4)), {}, "centers is empty"),
+        ((torch.randn(3, 4), torch.randn(5, 4)), {"k": 6}, r"k must be in \[1, K=5\]"),
+        ((torch.randn(3, 4), torch.randn(5, 4)), {"k": 0}, "k must be in"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.rand(4)), {}, "radii has 4 entries"),
+        ((torch.randn(3, 4), torch.randn(5, 4), torch.rand(5, 1)), {}, "radii must be 1-D"),
+        (([[1.0]], torch.randn(5, 1)), {}, "must be a torch.Tensor"),
+        ((torch.randn(3, 0), torch.randn(5, 0)), {}, "D is 0"),
+    ],
+)
+def test_bad_input_names_the_problem(args, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ops.sphere_distance(*args, **kwargs)
+
+
+@needs_extension
+def test_non_finite_input_is_rejected():
+    x = torch.randn(3, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        ops.sphere_distance(x, torch.randn(5, 4))
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        ops.sphere_distance(torch.randn(3, 4), torch.full((5, 4), float("inf")))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to test device mismatch")
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="different devices"):
+        ops.sphere_distance(torch.randn(3, 4), torch.randn(5, 4, device="cuda"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_gradcheck_float64(backend):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    centers = torch.randn(9, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    radii = torch.rand(9, generator=g, dtype=torch.float64, requires_grad=True)
+    fn = lambda a, b, c: ops.sphere_distance(a, b, c, k=3, backend=backend)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, centers, radii))
+
+
+@needs_extension
+def test_gradients_match_reference():
+    g = torch.Generator().manual_seed(4)
+    inputs = [torch.randn(20, 7, generator=g), torch.randn(30, 7, generator=g), torch.rand(30, generator=g)]
+    grads = []
+    for backend in ("extension", "reference"):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        dist, _ = ops.sphere_distance(*leaves, k=2, backend=backend)
+        (dist * torch.arange(1.0, 3.0)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@needs_extension
+def test_opcheck():
+    g = torch.Generator().manual_seed(5)
+    for radii in (None, torch.rand(40, generator=g)):
+        args = (torch.randn(10, 8, generator=g), torch.randn(40, 8, generator=g), radii, 3)
+        torch.library.opcheck(torch.ops.slsg.sphere_distance.default, args)
+    args = (torch.randn(10, 8, dtype=torch.float64, requires_grad=True), torch.randn(40, 8, dtype=torch.float64, requires_grad=True), None, 2)
+    torch.library.opcheck(torch.ops.slsg.sphere_distance.default, args)
+
+
+@needs_extension
+def test_torch_compile_fullgraph():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def score(x, centers):
+        dist, _ = ops.sphere_distance(x, centers, k=2)
+        return dist.mean(1).sqrt()
+
+    x, centers = torch.randn(50, 16), torch.randn(80, 16)
+    torch.testing.assert_close(score(x, centers), ops.sphere_distance(x, centers, k=2)[0].mean(1).sqrt())

@@ -1,0 +1,44 @@
+"""C++ deployment: CMakeLists.txt builds csrc/ against libtorch into a library that
+torch.ops.load_library loads."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slsg._toolkit import find_cuda_home
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_loads_and_runs(tmp_path):
+    build = tmp_path / "build"
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build), f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    cuda_home = find_cuda_home()
+    if torch.version.cuda is not None:
+        if cuda_home is None:
+            pytest.skip("a CUDA build of libtorch needs a CUDA toolkit to configure")
+        configure.append(f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}")
+    for cmd in (configure, ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1)]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    library = build / "libslsg_ops.so"
+    assert library.is_file()
+    # A fresh interpreter without slsg._C: the namespace may be registered only once.
+    code = (
+        "import torch\n"
+        f"torch.ops.load_library({str(library)!r})\n"
+        "x = torch.tensor([[0.0, 0.0], [3.0, 0.0]]); c = torch.tensor([[1.0, 0.0], [2.5, 0.0], [9.0, 9.0]])\n"
+        "d, i = torch.ops.slsg.sphere_distance(x, c, None, 2)\n"
+        "assert i.tolist() == [[0, 1], [1, 0]], i\n"
+        "assert d.tolist() == [[1.0, 6.25], [0.25, 4.0]], d\n"
+        "assert torch.ops.slsg.topk_mean(torch.tensor([[1.0, 4.0, 2.0]]), 2).item() == 3.0\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+
+from slsg import MemoryBank
+from slsg.memory import IndexConfig
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3000, 48, generator=g), torch.randn(200, 48, generator=g)
+
+
+def test_exact_backends_agree(data):
+    features, queries = data
+    bank = MemoryBank(features)
+    results = {b: bank.search(queries, k=5, backend=b) for b in ("kernel", "faiss", "torch", "auto")}
+    truth = torch.cdist(queries.double(), features.double()).square().topk(5, largest=False)
+    for name, (dist, idx) in results.items():
+        torch.testing.assert_close(dist.double(), truth.values, atol=1e-3, rtol=1e-4, msg=name)
+        assert (idx == truth.indices).float().mean() > 0.999, name
+
+
+def test_coreset_build_is_seeded_subset(data):
+    features, _ = data
+    a = MemoryBank.build(features, coreset_ratio=0.1, seed=1)
+    b = MemoryBank.build(features, coreset_ratio=0.1, seed=1)
+    assert len(a) == 300 and a.dim == 48
+    assert torch.equal(a.features, b.features)
+    # every kept row is a row of the input
+    assert MemoryBank(features).search(a.features, k=1)[0].max() < 1e-4
+
+
+def test_save_load_roundtrip_flat(tmp_path, data):
+    features, queries = data
+    bank = MemoryBank(features)
+    path = bank.save(tmp_path / "bank.npz")
+    loaded = MemoryBank.load(path)
+    assert torch.equal(loaded.features, bank.features)
+    assert torch.equal(loaded.search(queries, 3)[1], bank.search(queries, 3)[1])
+    # a directory path stores memory_bank.npz inside
+    assert MemoryBank.load(bank.save(tmp_path)).dim == 48
+    assert not list(tmp_path.glob(".*tmp")), "no temporary files left behind"
+
+
+def test_ivfpq_recall_and_roundtrip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    # clustered data, as real patch features are
+    centers = torch.randn(50, 32, generator=g) * 4
+    features = centers.repeat_interleave(400, 0) + torch.randn(20000, 32, generator=g)
+    queries = centers.repeat_interleave(4, 0) + torch.randn(200, 32, generator=g)
+    bank = MemoryBank(features, index=IndexConfig(kind="ivfpq", nprobe=16))
+    _, idx = bank.search(queries, k=1)
+    _, exact = MemoryBank(features).search(queries, k=1)
+    same_cluster = (idx // 400 == exact // 400).float().mean()
+    assert same_cluster > 0.95
+    loaded = MemoryBank.load(bank.save(tmp_path / "ivf.npz"))
+    assert torch.equal(loaded.search(queries, k=1)[1], idx)
+    with pytest.raises(ValueError, match="searched with backend 'faiss'"):
+        bank.search(queries, backend="kernel")
+
+
+def test_save_is_atomic(tmp_path, data, monkeypatch):
+    features, _ = data
+    path = MemoryBank(features[:10]).save(tmp_path / "bank.npz")
+    before = path.read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", boom)
+    with pytest.raises(OSError, match="disk full"):
+        MemoryBank(features).save(path)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda f, q: MemoryBank(f).search(q[:, :10]), "queries have D=10, the bank has D=48"),
+        (lambda f, q: MemoryBank(f).search(q, k=0), "k must be in"),
+        (lambda f, q: MemoryBank(f[:3]).search(q, k=4), r"k must be in \[1, bank size=3\]"),
+        (lambda f, q: MemoryBank(f, backend="gpu"), "backend must be one of"),
+        (lambda f, q: MemoryBank(f, index="hnsw"), "index must be one of"),
+        (lambda f, q: MemoryBank(f[:0]), "features is empty"),
+        (lambda f, q: MemoryBank(torch.full((3, 4), float("nan"))), "NaN"),
+        (lambda f, q: MemoryBank.build(f, coreset_ratio=1.5), "coreset_ratio"),
+    ],
+)
+def test_bad_input(data, call, match):
+    features, queries = data
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(features, queries)
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no memory bank"):
+        MemoryBank.load(tmp_path / "missing.npz")
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a valid memory bank"):
+        MemoryBank.load(bad)
