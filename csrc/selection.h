@@ -35,7 +35,7 @@ SLSG_HOST_DEVICE void scan_block(const acc_t* dot, int64_t dot_stride, acc_t x_n
   acc_t worst = vals[k - 1];
   bool full = idx[k - 1] >= 0;
   for (int64_t j = 0; j < kb; ++j) {
-    acc_t v = x_norm + center_offset[j] - acc_t(2) * dot[j * dot_stride];
+    acc_t v = x_norm + (center_offset[j] - acc_t(2) * dot[j * dot_stride]);
     if (v < worst || !full) {
       // Rounding can make the squared distance slightly negative: clamp it at zero.
       const acc_t r2 = radius_sq ? radius_sq[j] : acc_t(0);

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -18,45 +19,107 @@
 namespace slsg {
 namespace {
 
-// Block buffer of at most 8 MiB: fits the L3 cache, keeps extra memory small.
-constexpr int64_t kBlockElems = 2 * 1024 * 1024;
+// Per-thread block of 256 queries x 4096 centres: 4 MiB in float32, fits the L3 cache and
+// keeps extra memory small; large enough for an efficient GEMM.
+constexpr int64_t kQueryBlock = 256;
 constexpr int64_t kCenterBlock = 4096;
 
+// One query row against one block of centres. A vectorised first pass turns dot products
+// into w_j = (||c_j||^2 - r_j^2) - 2 x.c_j in place and finds their minimum; most blocks
+// (all but the first few per row) hold no candidate better than the current k-th best and
+// are skipped without the branchy insertion pass.
+// Squared row norms of a contiguous [R, D] tensor, without an [R, D] temporary (at K = 200k,
+// D = 1024 that temporary alone would be 800 MB). Fails on non-finite rows.
+template <typename scalar_t>
+at::Tensor squared_row_norms(const at::Tensor& t, const char* what) {
+  const int64_t R = t.size(0), D = t.size(1);
+  at::Tensor out = at::empty({R}, t.options());
+  const scalar_t* data = t.data_ptr<scalar_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, R, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = data + r * D;
+      scalar_t s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
+      o[r] = s;
+      if (!std::isfinite(s)) finite = false;
+    }
+  });
+  TORCH_CHECK(finite.load(), "sphere_distance: ", what, " NaN or Inf (or values too large to square)");
+  return out;
+}
+
+template <typename scalar_t>
+inline void select_row(scalar_t* w, scalar_t x_norm, const scalar_t* center_offset,
+                       const scalar_t* radius_sq, int64_t k0, int64_t kb, scalar_t* vals,
+                       int64_t* idx, int64_t k) {
+  scalar_t w_min = std::numeric_limits<scalar_t>::infinity();
+#pragma omp simd reduction(min : w_min)
+  for (int64_t j = 0; j < kb; ++j) {
+    w[j] = center_offset[j] - scalar_t(2) * w[j];
+    w_min = w[j] < w_min ? w[j] : w_min;
+  }
+  bool full = idx[k - 1] >= 0;
+  scalar_t worst = vals[k - 1];
+  // Clamping only raises values, so the unclamped minimum is a safe lower bound.
+  if (full && !(x_norm + w_min < worst)) return;
+  for (int64_t j = 0; j < kb; ++j) {
+    scalar_t v = x_norm + w[j];
+    if (v < worst || !full) {
+      const scalar_t r2 = radius_sq ? radius_sq[j] : scalar_t(0);
+      if (v + r2 < scalar_t(0)) v = -r2;  // rounding can make ||x - c||^2 slightly negative
+      if (v < worst || !full) {
+        insert_sorted(vals, idx, k, v, k0 + j);
+        worst = vals[k - 1];
+        full = idx[k - 1] >= 0;
+      }
+    }
+  }
+}
+
+// Threads pull blocks of queries from a shared counter (robust when a core is busy with
+// something else) and run a single-threaded GEMM per block into a private buffer, so
+// there is one parallel region per call rather than a barrier per block.
 template <typename scalar_t>
 void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& centers,
                             const at::Tensor& center_offset, const at::Tensor& radius_sq,
                             int64_t k, at::Tensor& dist, at::Tensor& index) {
   const int64_t M = x.size(0), K = centers.size(0);
   const int64_t kb_max = std::min<int64_t>(K, kCenterBlock);
-  const int64_t mb_max = std::max<int64_t>(1, std::min<int64_t>(M, kBlockElems / kb_max));
-  at::Tensor buffer = at::empty({mb_max * kb_max}, x.options());
-  at::Tensor x_norm = x.square().sum(1);
-  TORCH_CHECK(at::isfinite(x_norm).all().item<bool>(),
-              "sphere_distance: x contains NaN or Inf (or values too large to square)");
+  const int64_t mb_max = std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, M));
+  const int64_t num_blocks = (M + mb_max - 1) / mb_max;
+  at::Tensor x_norm = squared_row_norms<scalar_t>(x, "x contains");
 
   const scalar_t* xn = x_norm.data_ptr<scalar_t>();
   const scalar_t* cn = center_offset.data_ptr<scalar_t>();
   const scalar_t* r2 = radius_sq.defined() ? radius_sq.data_ptr<scalar_t>() : nullptr;
   scalar_t* out_d = dist.data_ptr<scalar_t>();
   int64_t* out_i = index.data_ptr<int64_t>();
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_blocks);
 
-  for (int64_t m0 = 0; m0 < M; m0 += mb_max) {
-    const int64_t mb = std::min(mb_max, M - m0);
-    at::Tensor xb = x.narrow(0, m0, mb);
-    for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
-      const int64_t kb = std::min(kb_max, K - k0);
-      at::Tensor dots = buffer.narrow(0, 0, mb * kb).view({mb, kb});
-      at::mm_out(dots, xb, centers.narrow(0, k0, kb).t());
-      const scalar_t* dp = dots.data_ptr<scalar_t>();
-      at::parallel_for(0, mb, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t row = m0 + i;
-          scan_block<scalar_t>(dp + i * kb, 1, xn[row], cn + k0, r2 ? r2 + k0 : nullptr, k0, kb,
-                               out_d + row * k, out_i + row * k, k);
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({mb_max * kb_max}, x.options());
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t blk = next_block++; blk < num_blocks; blk = next_block++) {
+        const int64_t m0 = blk * mb_max, mb = std::min(mb_max, M - m0);
+        const at::Tensor xb = x.narrow(0, m0, mb);
+        for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
+          const int64_t kb = std::min(kb_max, K - k0);
+          at::Tensor dots = buffer.narrow(0, 0, mb * kb).view({mb, kb});
+          at::mm_out(dots, xb, centers.narrow(0, k0, kb).t());
+          scalar_t* dp = dots.data_ptr<scalar_t>();
+          for (int64_t i = 0; i < mb; ++i) {
+            const int64_t row = m0 + i;
+            select_row<scalar_t>(dp + i * kb, xn[row], cn + k0, r2 ? r2 + k0 : nullptr, k0, kb,
+                                 out_d + row * k, out_i + row * k, k);
+          }
         }
-      });
+      }
     }
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
@@ -73,17 +136,15 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
   at::Tensor index = at::full({M, k}, -1, x.options().dtype(at::kLong));
   if (M == 0) return {dist, index};
 
-  // ||c||^2 - r^2 is all the kernel needs per centre; r^2 alone serves the clamp.
-  at::Tensor center_offset = centers.square().sum(1);
-  TORCH_CHECK(at::isfinite(center_offset).all().item<bool>(),
-              "sphere_distance: centers contain NaN or Inf (or values too large to square)");
-  at::Tensor radius_sq;
-  if (radii.has_value()) {
-    radius_sq = radii->to(x.scalar_type()).contiguous().square();
-    TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf");
-    center_offset = center_offset - radius_sq;
-  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sphere_distance_cpu", [&] {
+    // ||c||^2 - r^2 is all the kernel needs per centre; r^2 alone serves the clamp.
+    at::Tensor center_offset = squared_row_norms<scalar_t>(centers, "centers contain");
+    at::Tensor radius_sq;
+    if (radii.has_value()) {
+      radius_sq = radii->to(x.scalar_type()).contiguous().square();
+      TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf");
+      center_offset -= radius_sq;
+    }
     sphere_distance_kernel<scalar_t>(x, centers, center_offset, radius_sq, k, dist, index);
   });
   return {dist, index};

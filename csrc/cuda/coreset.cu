@@ -51,7 +51,10 @@ __global__ void update_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < N; row += total_warps) {
     double s = 0.0;
     for (int64_t d = lane; d < D; d += 32) {
-      const double diff = static_cast<double>(x[row * D + d]) - static_cast<double>(center[d]);
+      // Exact for int8 (integers) and float inputs alike: differences of float32 values
+      // are exact in double.
+      const double diff = static_cast<double>(static_cast<float>(x[row * D + d])) -
+                          static_cast<double>(static_cast<float>(center[d]));
       s += diff * diff;
     }
     for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffff, s, offset);
@@ -100,11 +103,12 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& x_in, int64_t n, int64_t start)
   check_greedy_coreset_args(x_in, n, start);
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
-                  dtype == at::kBFloat16,
-              "greedy_coreset on CUDA supports float32, float64, float16 and bfloat16, got ", dtype);
+                  dtype == at::kBFloat16 || dtype == at::kChar,
+              "greedy_coreset on CUDA supports float32, float64, float16, bfloat16 and int8, got ", dtype);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  TORCH_CHECK(at::isfinite(x).all().item<bool>(), "greedy_coreset: x contains NaN or Inf");
+  TORCH_CHECK(dtype == at::kChar || at::isfinite(x).all().item<bool>(),
+              "greedy_coreset: x contains NaN or Inf");
   const int64_t N = x.size(0), D = x.size(1);
   auto opts = x.options();
   at::Tensor selected = at::empty({n}, opts.dtype(at::kLong));
@@ -117,7 +121,7 @@ at::Tensor greedy_coreset_cuda(const at::Tensor& x_in, int64_t n, int64_t start)
   at::Tensor block_value = at::empty({blocks}, opts.dtype(at::kDouble));
   at::Tensor block_index = at::empty({blocks}, opts.dtype(at::kLong));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "greedy_coreset_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kHalf, at::kBFloat16, at::kChar, dtype, "greedy_coreset_cuda", [&] {
     for (int64_t step = 1; step < n; ++step) {
       update_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           x.data_ptr<scalar_t>(), N, D, last.data_ptr<int64_t>(), min_dist.data_ptr<double>(),

@@ -13,15 +13,28 @@ from ._validate import check_int, check_tensor
 def coreset_plan(
     x: torch.Tensor, seed: int = 0, projection_dim: int | None = 128
 ) -> tuple[torch.Tensor, int]:
-    """The seeded inputs of the greedy selection: the (optionally) randomly projected
-    features and the starting row. Shared by every backend so they select identically."""
+    """The seeded inputs of the greedy selection, shared by every backend so they select
+    identically: the features to select on and the starting row.
+
+    With ``projection_dim`` set, features go through a seeded Gaussian random projection
+    (Johnson-Lindenstrauss: distances survive up to a small distortion, cost drops), then
+    are quantised to int8 with one global scale. Integer distances are exact, so kernels
+    and reference agree bit for bit whatever their summation order, and the working set
+    (27 MB for 214k x 128) stays near the CPU cache. The rounding (under 0.5% of the
+    value range per coordinate) is far below the projection's own distortion.
+    With ``projection_dim=None`` the selection runs on the raw features (float64 sums).
+    """
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(x.shape[0], (1,), generator=generator))
-    if projection_dim is not None and projection_dim < x.shape[1]:
-        # Gaussian random projection (Johnson-Lindenstrauss): distances survive, cost drops.
+    if projection_dim is None:
+        return x, start
+    if projection_dim < x.shape[1]:
         proj = torch.randn(x.shape[1], projection_dim, generator=generator) / math.sqrt(projection_dim)
-        x = x @ proj.to(device=x.device, dtype=x.dtype)
-    return x, start
+        x = x.float() @ proj.to(device=x.device)
+    x = x.float()
+    peak = x.abs().max()
+    scale = 127.0 / peak if peak > 0 else torch.ones((), device=x.device)
+    return (x * scale).round_().clamp_(-127, 127).to(torch.int8), start
 
 
 def greedy_coreset(
@@ -44,7 +57,7 @@ def greedy_coreset(
     if projection_dim is not None:
         check_int(op, "projection_dim", projection_dim, 1, 1 << 30, "max")
     projected, start = coreset_plan(x, seed, projection_dim)
-    if use_extension(op, x.device, backend) and (x.is_cuda or x.dtype in (torch.float32, torch.float64)):
+    if use_extension(op, x.device, backend) and (x.is_cuda or projected.dtype != torch.float16):
         return torch.ops.slsg.greedy_coreset(projected.contiguous(), n, start)
     return reference.greedy_coreset(projected, n, start)
 

@@ -60,7 +60,18 @@ def test_projection_and_start_are_seeded():
     p1, s1 = coreset_plan(x, seed=3)
     p2, s2 = coreset_plan(x, seed=3)
     assert s1 == s2 and torch.equal(p1, p2) and p1.shape == (50, 128)
+    assert p1.dtype == torch.int8 and p1.abs().max() == 127  # global scale uses the full range
     assert coreset_plan(x, seed=3, projection_dim=None)[0] is x
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_int8_kernel_exact_like_reference(device):
+    # Quantised inputs: distances are exact integers, ties are real ties.
+    x = torch.randint(-127, 128, (4000, 37), generator=torch.Generator().manual_seed(9), dtype=torch.int8)
+    x[100:200] = x[:100]  # duplicates
+    got = torch.ops.slsg.greedy_coreset(x.to(device), 400, 5).tolist()
+    assert got == reference.greedy_coreset(x, 400, 5).tolist()
 
 
 def test_coreset_covers_clusters():
