@@ -1,0 +1,46 @@
+"""All dataset classes in one place, and `open_dataset`, which recognises a folder's layout."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .base import AnomalyDataset, Sample
+from .folder import Folder, seeded_split
+from .io import DataError
+from .mtd import MTD
+from .mvtec import DefectConfig, MVTecAD, MVTecLOCO, parse_defects_config
+
+__all__ = ["AnomalyDataset", "DefectConfig", "Folder", "MTD", "MVTecAD", "MVTecLOCO", "Sample",
+           "detect_layout", "open_dataset", "parse_defects_config", "seeded_split"]
+
+_LAYOUTS = {
+    "mvtec-loco": (MVTecLOCO, "MVTec LOCO AD category (defects_config.json + validation/)"),
+    "mvtec-ad": (MVTecAD, "MVTec AD category (train/good/)"),
+    "mtd": (MTD, "Magnetic Tile Defects (MT_Free/)"),
+}
+
+
+def detect_layout(path: str | os.PathLike) -> str:
+    """Name of the layout of `path`: "mvtec-loco", "mvtec-ad" or "mtd"; DataError otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"dataset folder not found: {path}")
+    if (path / "defects_config.json").is_file() and (path / "validation").is_dir():
+        return "mvtec-loco"
+    if (path / "train" / "good").is_dir():
+        return "mvtec-ad"
+    if (path / "MT_Free").is_dir():
+        return "mtd"
+    known = "; ".join(description for _, description in _LAYOUTS.values())
+    categories = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "train" / "good").is_dir())
+    hint = (f" It holds categories ({', '.join(categories)}): pass one category folder."
+            if categories else " For plain folders of images use slsg.data.Folder(normal_dir, abnormal_dir, mask_dir).")
+    raise DataError(f"cannot recognise the dataset layout of {path}. Known layouts: {known}.{hint}")
+
+
+def open_dataset(path: str | os.PathLike, split: str, image_size: int | tuple[int, int] | None = 256,
+                 **kwargs) -> AnomalyDataset:
+    """Open the dataset at `path` with the class its layout calls for; extra kwargs go to that class
+    (e.g. train_ratio/seed for MTD)."""
+    cls, _ = _LAYOUTS[detect_layout(path)]
+    return cls(path, split=split, image_size=image_size, **kwargs)

@@ -1,0 +1,162 @@
+"""Reading images and masks from disk into one consistent representation.
+
+Every image, whatever its file mode (L, P, RGBA, CMYK, 16-bit I;16 / I, 32-bit F),
+becomes an 8-bit RGB PIL image; every ground-truth mask becomes a bool array.
+Anything unreadable raises `DataError` naming the file, never a bare PIL error.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+# PIL modes holding more than 8 bits per sample; PIL's own convert("RGB") clips
+# them at 255 instead of scaling, which would turn most 16-bit images white.
+_WIDE_INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class DataError(ValueError):
+    """A dataset file or folder is missing, unreadable or inconsistent."""
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"not a regular file: {path}")
+    try:
+        with warnings.catch_warnings():
+            # A decompression-bomb warning is not a reason to refuse industrial images.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()  # decode now: truncated or corrupt files fail here, not later
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
+        raise DataError(f"cannot read image file {path}: {type(exc).__name__}: {exc}") from exc
+    if image.width == 0 or image.height == 0:
+        raise DataError(f"image has zero size: {path}")
+    return image
+
+
+def _wide_to_unit(array: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a >8-bit grayscale array to [0, 1] floats."""
+    array = array.astype(np.float64)
+    if mode == "F":
+        # Float images carry no declared range: [0, 1] when they fit, else 8-bit values.
+        return np.clip(array if array.max(initial=0.0) <= 1.0 else array / 255.0, 0.0, 1.0)
+    return np.clip(array / 65535.0, 0.0, 1.0)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB (alpha is dropped, not composited)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in _WIDE_INT_MODES or image.mode == "F":
+        unit = _wide_to_unit(np.asarray(image), image.mode)
+        return Image.fromarray(np.round(unit * 255.0).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # avoids PIL's warning about palette transparency
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Load any supported image file as an 8-bit RGB PIL image."""
+    image = _open(path)
+    try:
+        return to_rgb(image)
+    except Exception as exc:
+        raise DataError(f"cannot convert image {path} (mode {image.mode}) to RGB: {exc}") from exc
+
+
+def _single_channel(image: Image.Image, path: str | os.PathLike) -> np.ndarray:
+    if image.mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("L")
+    elif image.mode in ("LA", "PA"):
+        image = image.getchannel(0)
+    array = np.asarray(image)
+    if array.ndim != 2:
+        raise DataError(f"mask {path} is not single-channel (mode {image.mode}, shape {array.shape})")
+    return array
+
+
+def load_mask_values(path: str | os.PathLike) -> np.ndarray:
+    """Raw values of a single-channel mask file ([H, W]); MVTec LOCO encodes defect ids this way.
+
+    Palette images give their palette indices, colour images their luminance.
+    """
+    array = _single_channel(_open(path), path)
+    return array.astype(np.uint8) if array.dtype == bool else array
+
+
+def load_mask(path: str | os.PathLike) -> np.ndarray:
+    """Load a ground-truth mask as bool [H, W].
+
+    8-bit masks are thresholded at 128 (MTD masks have soft edges); masks whose
+    values are only 0/1 count any nonzero pixel; 16-bit masks are thresholded at
+    the same relative level (128 * 257), unless all their values fit in 8 bits,
+    in which case they hold 8-bit values in a wider container and use 128.
+    Float masks use 0.5 when they lie in [0, 1], else 128. Palette masks use
+    their palette index when it is 0/1, else their luminance.
+    """
+    image = _open(path)
+    if image.mode == "P":
+        index = np.asarray(image)
+        if index.max(initial=0) <= 1:
+            return index > 0
+        image = image.convert("L")
+    mode = image.mode
+    values = _single_channel(image, path)
+    if values.dtype == bool:
+        return values.copy()
+    peak = values.max(initial=0)
+    if mode == "F":
+        return values >= (0.5 if peak <= 1.0 else 128.0)
+    if peak <= 1:
+        return values > 0
+    if mode in _WIDE_INT_MODES and peak > 255:
+        return values >= 128 * 257
+    return values >= 128
+
+
+def resize_image(image: Image.Image, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor [3, H, W] in [0, 1], bilinear-resized to `size` (None keeps it)."""
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        if (image.height, image.width) != (height, width):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div_(255.0)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int] | None) -> torch.Tensor:
+    """bool [H, W] -> float32 tensor [1, h, w] in {0, 1}, nearest-resized to `size` (None keeps it)."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    if size is not None:
+        height, width = (size, size) if isinstance(size, int) else size
+        if (image.height, image.width) != (height, width):
+            image = image.resize((width, height), Image.Resampling.NEAREST)
+    array = np.asarray(image) > 127
+    return torch.from_numpy(array.astype(np.float32))[None]
+
+
+def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of an image file, reading only its header."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except Exception as exc:
+        raise DataError(f"cannot read image header of {path}: {type(exc).__name__}: {exc}") from exc
+    return height, width

@@ -1,0 +1,150 @@
+"""load_image / load_mask: every file mode ends up in one representation; bad files raise DataError."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slsg.data import DataError, load_image, load_mask, load_mask_values
+from slsg.data.io import resize_image, resize_mask
+
+
+def _save(tmp_path, name, image):
+    path = tmp_path / name
+    image.save(path)
+    return path
+
+
+def test_rgb_roundtrip_is_exact(tmp_path):
+    array = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    image = load_image(_save(tmp_path, "a.png", Image.fromarray(array)))
+    assert image.mode == "RGB" and image.size == (5, 7)
+    np.testing.assert_array_equal(np.asarray(image), array)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    gray = np.arange(35, dtype=np.uint8).reshape(5, 7) * 7
+    rgb = np.asarray(load_image(_save(tmp_path, "g.png", Image.fromarray(gray, mode="L"))))
+    assert rgb.shape == (5, 7, 3)
+    for c in range(3):
+        np.testing.assert_array_equal(rgb[..., c], gray)
+
+
+def test_rgba_drops_alpha(tmp_path):
+    array = np.random.default_rng(1).integers(0, 256, (4, 6, 4), dtype=np.uint8)
+    array[..., 3] = 0  # fully transparent: colour values must survive unchanged
+    rgb = np.asarray(load_image(_save(tmp_path, "a.png", Image.fromarray(array, mode="RGBA"))))
+    np.testing.assert_array_equal(rgb, array[..., :3])
+
+
+def test_palette_uses_palette_colours(tmp_path):
+    image = Image.new("P", (3, 2))
+    image.putpalette([0, 0, 0, 200, 10, 30] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    rgb = np.asarray(load_image(_save(tmp_path, "p.png", image)))
+    assert rgb[1, 1].tolist() == [200, 10, 30] and rgb[0, 0].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path, mode):
+    values = np.array([[0, 257 * 64, 32768, 65535]], dtype=np.uint16)
+    if mode == "I;16":
+        image = Image.fromarray(values)  # PIL picks I;16 for uint16
+    else:
+        image = Image.fromarray(values.astype(np.int32), mode="I")
+    assert image.mode == mode
+    path = _save(tmp_path, f"w{mode[-2:]}.png" if mode != "I" else "w.tif", image)
+    rgb = np.asarray(load_image(path))
+    np.testing.assert_array_equal(rgb[0, :, 0], [0, 64, 128, 255])
+    np.testing.assert_array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_float_image(tmp_path):
+    values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
+    rgb = np.asarray(load_image(_save(tmp_path, "f.tif", Image.fromarray(values, mode="F"))))
+    np.testing.assert_array_equal(rgb[0, :, 1], [0, 128, 255])
+
+
+@pytest.mark.parametrize("mode", ["1", "LA", "CMYK"])
+def test_other_modes_become_rgb(tmp_path, mode):
+    image = Image.new(mode, (4, 3))
+    path = _save(tmp_path, "x.tif" if mode == "CMYK" else "x.png", image)
+    assert load_image(path).mode == "RGB"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="nope.png"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_corrupt_and_truncated_files_name_the_path(tmp_path):
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"this is not an image")
+    with pytest.raises(DataError, match="garbage.png"):
+        load_image(garbage)
+    full = tmp_path / "full.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(full)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(full.read_bytes()[:300])
+    with pytest.raises(DataError, match="truncated.png"):
+        load_image(truncated)
+    with pytest.raises(DataError, match="truncated.png"):
+        load_mask(truncated)
+
+
+def test_directory_is_not_an_image(tmp_path):
+    with pytest.raises(DataError, match="not a regular file"):
+        load_image(tmp_path)
+
+
+def test_mask_8bit_threshold_at_128(tmp_path):
+    values = np.array([[0, 1, 127, 128, 200, 255]], dtype=np.uint8)
+    mask = load_mask(_save(tmp_path, "m.png", Image.fromarray(values, mode="L")))
+    assert mask.dtype == bool
+    np.testing.assert_array_equal(mask[0], [False, False, False, True, True, True])
+
+
+def test_mask_zero_one_counts_any_nonzero(tmp_path):
+    values = np.array([[0, 1, 1, 0]], dtype=np.uint8)
+    mask = load_mask(_save(tmp_path, "m.png", Image.fromarray(values, mode="L")))
+    np.testing.assert_array_equal(mask[0], [False, True, True, False])
+
+
+def test_mask_sixteen_bit(tmp_path):
+    wide = np.array([[0, 32000, 32896, 65535]], dtype=np.uint16)
+    np.testing.assert_array_equal(load_mask(_save(tmp_path, "w.png", Image.fromarray(wide)))[0],
+                                  [False, False, True, True])
+    narrow = np.array([[0, 255, 100, 128]], dtype=np.uint16)  # 8-bit values in a 16-bit file
+    np.testing.assert_array_equal(load_mask(_save(tmp_path, "n.png", Image.fromarray(narrow)))[0],
+                                  [False, True, False, True])
+
+
+def test_mask_palette_and_rgb_and_bilevel(tmp_path):
+    pal = Image.fromarray(np.array([[0, 1, 0]], dtype=np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    np.testing.assert_array_equal(load_mask(_save(tmp_path, "p.png", pal))[0], [False, True, False])
+    rgb = np.zeros((1, 3, 3), dtype=np.uint8)
+    rgb[0, 1] = 255
+    np.testing.assert_array_equal(load_mask(_save(tmp_path, "c.png", Image.fromarray(rgb)))[0], [False, True, False])
+    bilevel = Image.fromarray(np.array([[0, 255, 255]], dtype=np.uint8)).convert("1")
+    np.testing.assert_array_equal(load_mask(_save(tmp_path, "b.png", bilevel))[0], [False, True, True])
+
+
+def test_mask_values_are_raw(tmp_path):
+    values = np.array([[0, 10, 254]], dtype=np.uint8)
+    np.testing.assert_array_equal(load_mask_values(_save(tmp_path, "v.png", Image.fromarray(values)))[0], [0, 10, 254])
+
+
+def test_resize_helpers_shapes_and_ranges():
+    image = Image.fromarray(np.full((10, 20, 3), 255, dtype=np.uint8))
+    tensor = resize_image(image, 8)
+    assert tensor.shape == (3, 8, 8) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor, torch.ones_like(tensor))
+    assert resize_image(image, (4, 6)).shape == (3, 4, 6)
+    assert resize_image(image, None).shape == (3, 10, 20)
+    mask = np.zeros((10, 20), dtype=bool)
+    mask[:, 10:] = True
+    resized = resize_mask(mask, 4)
+    assert resized.shape == (1, 4, 4) and set(resized.unique().tolist()) == {0.0, 1.0}
+    assert resized[0, :, :2].sum() == 0 and resized[0, :, 2:].sum() == 8

@@ -1,0 +1,32 @@
+"""open_dataset recognises layouts and explains what it knows when it does not."""
+from __future__ import annotations
+
+import pytest
+
+from slsg.data import MTD, DataError, MVTecAD, MVTecLOCO, detect_layout, open_dataset
+
+
+def test_detects_each_layout(mvtec_tree, loco_tree, tmp_path, builders):
+    assert isinstance(open_dataset(mvtec_tree, "test", image_size=8), MVTecAD)
+    assert isinstance(open_dataset(loco_tree, "test", image_size=8), MVTecLOCO)
+    mtd = tmp_path / "mtd"
+    for i in range(2):
+        builders.write_rgb(mtd / "MT_Free" / "Imgs" / f"f{i}.jpg", fmt="JPEG")
+    dataset = open_dataset(mtd, "train", image_size=8, train_ratio=0.5, seed=1)  # kwargs reach MTD
+    assert isinstance(dataset, MTD) and len(dataset) == 1
+    assert detect_layout(mtd) == "mtd"
+
+
+def test_unknown_layout_names_path_and_known_layouts(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(DataError) as error:
+        open_dataset(tmp_path, "train")
+    message = str(error.value)
+    assert str(tmp_path) in message
+    for layout in ("MVTec AD", "MVTec LOCO", "MT_Free", "Folder"):
+        assert layout in message
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        open_dataset(tmp_path / "absent", "train")
