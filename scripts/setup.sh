@@ -13,5 +13,11 @@ python -m pip install -q --upgrade pip setuptools wheel
 # version this project is tested with; any torch >= 2.4 with matching headers builds.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q ninja
-MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q -e ".[test]" --no-build-isolation
+# Rebuild only when the kernels or the build script changed since the last install.
+stamp=.venv/.slsg-build-stamp
+want=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import slsg._C" 2>/dev/null; then
+  MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q -e ".[test]" --no-build-isolation
+  echo "$want" > "$stamp"
+fi
 python -c "import slsg; print('slsg', slsg.__version__, 'ops backend:', slsg.ops.backend())"

@@ -1,0 +1,327 @@
+"""Command line: ``slsg fit | test | predict | download | simulate``.
+
+Bad input (missing folders, unreadable images, unknown options) is reported as one line on
+stderr with exit code 2; ``--debug`` shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(ValueError):
+    """A problem with what the user asked for."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {text}")
+    return value
+
+
+def _dataset_kwargs(path: Path, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    from slsg.data import detect_layout
+
+    layout = detect_layout(path)
+    kwargs: dict[str, Any] = {}
+    if layout == "mtd":
+        kwargs = {"train_ratio": args.train_ratio, "seed": args.split_seed}
+    return layout, kwargs
+
+
+def _dataset_description(path: Path, layout: str, kwargs: dict[str, Any], test, image_size: int,
+                         train_images: int | None) -> dict[str, Any]:
+    desc: dict[str, Any] = {"name": f"{layout} {path.name}", "path": str(path), "layout": layout,
+                            "split": "test", "image_size": image_size, "train_images": train_images,
+                            "test_images": len(test), "anomalous_test_images": int(sum(test.labels))}
+    if layout == "mtd":
+        desc["split_rule"] = (f"seeded {kwargs['train_ratio']:.0%} of MT_Free (seed {kwargs['seed']}) trains; "
+                              "the other MT_Free images and all defective images test")
+        desc.update(train_ratio=kwargs["train_ratio"], split_seed=kwargs["seed"])
+    elif layout == "mvtec-ad":
+        desc["split_rule"] = "MVTec AD protocol: train/good trains, test/* tests"
+    elif layout == "mvtec-loco":
+        desc["split_rule"] = "MVTec LOCO protocol: train/good trains, test/* tests"
+    return desc
+
+
+def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, Any], out: Path,
+                         args: argparse.Namespace, fit_seconds: float | None) -> dict[str, Any]:
+    from slsg.data import open_dataset
+    from slsg.detectors.base import config_to_dict
+    from slsg.detectors.evaluation import evaluate, measure_throughput
+    from slsg.report import write_report
+
+    size = detector.config.image_size
+    test = open_dataset(data, "test", image_size=size, **kwargs)
+    ev = evaluate(detector, test, batch_size=args.batch_size, num_workers=args.workers,
+                  progress=not args.quiet)
+    timings = {"fit_seconds": fit_seconds,
+               "images_per_second_batch1": measure_throughput(detector, test[0]["image"][None], repeats=10, warmup=2)}
+    fit_info = detector.fit_info
+    train_images = None
+    if fit_info:
+        train_images = fit_info.get("train_images", 0) + fit_info.get("calibration_images", 0)
+    dataset = _dataset_description(data, layout, kwargs, test, size, train_images)
+    model = {"detector": detector.kind, "config": config_to_dict(detector.config),
+             **{k: v for k, v in fit_info.items() if k not in ("fit_seconds", "calibration_indices")},
+             "threads": torch.get_num_threads()}
+    doc = write_report(out, ev, dataset, model, timings, heatmaps_per_type=args.heatmaps)
+    _print_metrics(doc, out)
+    return doc
+
+
+def _print_metrics(doc: dict[str, Any], out: Path) -> None:
+    def fmt(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else (
+            f"{v:.2f}" if isinstance(v, float) else str(v))
+
+    keys = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "fit_seconds", "images_per_second",
+            "images_per_second_batch1", "threshold", "tpr_at_threshold", "fpr_at_threshold"]
+    for key in keys:
+        if key in doc and (doc[key] is not None or key in ("image_auroc", "pixel_auroc", "aupro")):
+            print(f"{key:>26}: {fmt(doc[key])}")
+    print(f"{'report':>26}: {out / 'report.md'}")
+
+
+def _write_split(out: Path, train, test_record: dict | None = None) -> None:
+    from slsg.utils import atomic_write_text
+
+    record = {"train": train.split_record()}
+    if test_record is not None:
+        record["test"] = test_record
+    atomic_write_text(out / "split.json", json.dumps(record, indent=1, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_fit(args: argparse.Namespace) -> int:
+    from slsg.data import open_dataset
+    from slsg.detectors import MemoryBankConfig, MemoryBankDetector
+
+    data, out = Path(args.data), Path(args.out)
+    layout, kwargs = _dataset_kwargs(data, args)
+    weights = None if args.weights == "none" else args.weights
+    config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
+                              coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
+                              num_workers=args.workers, embed_dim=args.embed_dim)
+    train = open_dataset(data, "train", image_size=config.image_size, **kwargs)
+    detector = MemoryBankDetector(config, progress=not args.quiet)
+    start = time.perf_counter()
+    detector.fit(train)
+    fit_seconds = time.perf_counter() - start
+    detector.save(out / "model")
+    print(f"fitted on {len(train)} images in {fit_seconds:.1f} s: memory bank of {len(detector.bank)} patches, "
+          f"threshold {detector.image_threshold if detector.image_threshold is None else round(detector.image_threshold, 4)}; "
+          f"model saved to {out / 'model'}")
+    test_record = None
+    if not args.no_eval:
+        test_record = open_dataset(data, "test", image_size=None, **kwargs).split_record()
+    _write_split(out, train, test_record)
+    if not args.no_eval:
+        _evaluate_and_report(detector, data, layout, kwargs, out, args, fit_seconds)
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from slsg.detectors import load_detector
+    from slsg.detectors.base import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.model)
+    detector = load_detector(model_dir)
+    detector.progress = not args.quiet
+    data = Path(args.data)
+    layout, kwargs = _dataset_kwargs(data, args)
+    out = Path(args.out) if args.out else model_dir.parent if model_dir.name == "model" else model_dir
+    _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
+    return 0
+
+
+def _expand_images(items: Sequence[str]) -> list[Path]:
+    from slsg.data.base import list_images
+
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = list_images(path)
+            if not found:
+                raise CliError(f"no image files in folder {path}")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise CliError(f"image not found: {path}")
+    return paths
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from slsg.data import load_image
+    from slsg.data.io import resize_image
+    from slsg.detectors import load_detector
+    from slsg.detectors.evaluation import resize_map
+    from slsg.report import heat_window, overlay_heatmap, save_png
+    from slsg.utils import atomic_write_text
+
+    detector = load_detector(args.model)
+    paths = _expand_images(args.images)
+    size = detector.config.image_size
+    out = Path(args.out) if args.out else None
+    threshold = detector.image_threshold
+    records: list[dict[str, Any]] = []
+    used_names: set[str] = set()
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start:start + args.batch_size]
+        originals = [load_image(p) for p in chunk]
+        images = torch.stack([resize_image(im, size) for im in originals])
+        scores, maps = detector.predict(images)
+        for path, original, score, amap in zip(chunk, originals, scores.tolist(), maps):
+            verdict = None if threshold is None else bool(score >= threshold)
+            records.append({"path": str(path), "score": score, "anomalous": verdict})
+            label = "" if verdict is None else ("\tanomalous" if verdict else "\tnormal")
+            print(f"{path}\t{score:.4f}{label}")
+            if out is not None:
+                full = resize_map(amap, (original.height, original.width))
+                window = heat_window(threshold, [np.asarray(full)])
+                caption = f"{path.name}: score {score:.3g}" + ("" if verdict is None else
+                                                               (" -> anomalous" if verdict else " -> normal"))
+                name = f"{path.stem}_heatmap.png"
+                if name in used_names:  # same file name in different folders
+                    name = f"{path.stem}_{len(records)}_heatmap.png"
+                used_names.add(name)
+                records[-1]["heatmap"] = name
+                save_png(overlay_heatmap(original, full, window, None, threshold, caption), out / name)
+    if out is not None:
+        atomic_write_text(out / "predictions.json",
+                          json.dumps({"model": str(args.model), "threshold": threshold, "predictions": records},
+                                     indent=2) + "\n")
+        print(f"heatmaps and predictions.json written to {out}")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from slsg.data.download import download
+
+    path = download(args.dataset, args.category, args.root, url=args.url, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from slsg.data.synthesis import write_examples
+
+    data = Path(args.data)
+    if not data.exists():
+        raise CliError(f"data folder not found: {data}")
+    written = write_examples(data, args.out, n=args.n, seed=args.seed, textures=args.textures,
+                             preset=args.preset, image_size=args.image_size)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    from slsg.backbones import available
+
+    parser = argparse.ArgumentParser(prog="slsg", description="Industrial image anomaly detection (SLSG).")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for PyTorch")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    evaluation = argparse.ArgumentParser(add_help=False)
+    evaluation.add_argument("--batch-size", type=_positive_int, default=8)
+    evaluation.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    evaluation.add_argument("--heatmaps", type=int, default=2, help="overlays per defect type in the report")
+    evaluation.add_argument("--train-ratio", type=_ratio, default=0.8, help="MTD: share of MT_Free that trains")
+    evaluation.add_argument("--split-seed", type=int, default=0, help="MTD: seed of the train/test split")
+
+    fit = sub.add_parser("fit", parents=[common, evaluation],
+                         help="fit the memory-bank detector on a dataset's train split and evaluate it on its test split")
+    fit.add_argument("--data", required=True, help="dataset folder (MVTec AD / LOCO category, MTD)")
+    fit.add_argument("--out", required=True, help="run folder for the model, metrics.json and the report")
+    fit.add_argument("--backbone", default="efficientnet_lite0", choices=available())
+    fit.add_argument("--weights", default="imagenet", help="'imagenet', a state-dict file, or 'none'")
+    fit.add_argument("--image-size", type=_positive_int, default=256)
+    fit.add_argument("--coreset-ratio", type=_ratio, default=0.01,
+                     help="share of training patches kept in the memory bank (default 0.01)")
+    fit.add_argument("--embed-dim", type=_positive_int, default=None)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--no-eval", action="store_true", help="only fit and save the model")
+    fit.set_defaults(func=cmd_fit)
+
+    test = sub.add_parser("test", parents=[common, evaluation], help="evaluate a saved model on a dataset's test split")
+    test.add_argument("--model", required=True, help="run folder (or its model/ folder)")
+    test.add_argument("--data", required=True)
+    test.add_argument("--out", default=None, help="where to write the report (default: the run folder)")
+    test.set_defaults(func=cmd_test)
+
+    predict = sub.add_parser("predict", parents=[common], help="score images with a saved model")
+    predict.add_argument("--model", required=True)
+    predict.add_argument("images", nargs="+", help="image files or folders of images")
+    predict.add_argument("--out", default=None, help="folder for heatmap PNGs and predictions.json")
+    predict.add_argument("--batch-size", type=_positive_int, default=8)
+    predict.set_defaults(func=cmd_predict)
+
+    download = sub.add_parser("download", parents=[common], help="download a dataset category")
+    download.add_argument("dataset", choices=["mvtec-ad", "mvtec-loco"])
+    download.add_argument("category", help="category name, or 'all'")
+    download.add_argument("--root", default="data", help="folder to extract into (default: ./data)")
+    download.add_argument("--url", default=None, help="a mirror to download from")
+    download.set_defaults(func=cmd_download)
+
+    simulate = sub.add_parser("simulate", parents=[common], help="write examples of simulated anomalies")
+    simulate.add_argument("--data", required=True, help="dataset folder or folder of normal images")
+    simulate.add_argument("--out", required=True)
+    simulate.add_argument("-n", type=_positive_int, default=16, help="number of examples")
+    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--textures", default=None, help="folder of texture images (default: procedural)")
+    simulate.add_argument("--preset", default=None, help="synthesis preset or category name")
+    simulate.add_argument("--image-size", type=_positive_int, default=256)
+    simulate.set_defaults(func=cmd_simulate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("slsg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from slsg.data.download import DownloadError
+
+        if args.debug or not isinstance(exc, (ValueError, OSError, DownloadError)):
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"slsg {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""The interface every detector shares: fit, predict, save, load, and a threshold from normal data.
+
+A saved detector is a folder:
+    detector.json        kind, config (a dataclass as JSON), thresholds, fit information, and the
+                         names of the weight files below; written last, atomically
+    <files>-<token>...   weights (backbone, memory bank, ...) under names unique to this save
+Because the JSON is replaced atomically and names only files of its own save, a crash while saving
+leaves either the previous model or the new one, never a mix. Files of the previous save are
+removed after the new JSON is in place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import shutil
+import types
+import typing
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from slsg.utils import atomic_write_text
+
+DETECTOR_FILE = "detector.json"
+FORMAT_VERSION = 1
+
+_REGISTRY: dict[str, type["Detector"]] = {}
+
+
+class ModelError(ValueError):
+    """A saved model folder that is missing, incomplete or from an incompatible version."""
+
+
+def register(kind: str):
+    """Class decorator: make a detector loadable by ``load_detector`` under ``kind``."""
+    def decorate(cls: type["Detector"]) -> type["Detector"]:
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+    return decorate
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_from_dict(cls: type, data: dict[str, Any], source: str) -> Any:
+    """Rebuild a config dataclass from JSON, restoring tuples; unknown keys are an error."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ModelError(f"{source}: unknown configuration keys {unknown} (saved by a newer slsg?)")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        hint = hints.get(name)
+        if isinstance(value, list) and _is_tuple_hint(hint):
+            value = tuple(value)
+        values[name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"{source}: invalid configuration: {exc}") from exc
+
+
+def _is_tuple_hint(hint: Any) -> bool:
+    if typing.get_origin(hint) is tuple:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_tuple_hint(a) for a in typing.get_args(hint))
+    return False
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of maps [B, 1, H, W], truncated at 4 sigma, mirror-padded.
+
+    Same result as scipy.ndimage.gaussian_filter(mode="mirror") and torchvision's gaussian_blur,
+    at a fraction of the cost (2 x 33 taps instead of 33 x 33 for sigma 4).
+    """
+    if sigma <= 0:
+        return maps
+    radius = min(math.ceil(4 * sigma), maps.shape[-2] - 1, maps.shape[-1] - 1)
+    taps = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    x = F.pad(maps, (radius,) * 4, mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+def check_image_batch(images: Any) -> torch.Tensor:
+    """Validate a batch for ``predict``: float tensor [B, 3, H, W] with values in [0, 1]."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}")
+    if images.ndim == 3:
+        raise ValueError(f"images must be a batch [B, 3, H, W], got {tuple(images.shape)} "
+                         f"(use images[None] for a single image)")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+    if images.numel():
+        low, high = torch.aminmax(images)
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(f"images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}] "
+                             f"(divide 8-bit images by 255)")
+    return images
+
+
+class Detector(ABC):
+    """Base class: subclasses implement fit/predict and the weight (de)serialisation hooks."""
+
+    kind: ClassVar[str] = "detector"
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        # Decision threshold on image scores (a pixel whose map value reaches it is anomalous too).
+        # Computed from normal images only by fit(); None until then.
+        self.image_threshold: float | None = None
+        self.fit_info: dict[str, Any] = {}
+
+    @abstractmethod
+    def fit(self, dataset) -> "Detector":
+        """Train on a dataset of normal images (items are dicts with an "image" [3, S, S] in [0, 1])."""
+
+    @abstractmethod
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [B] and anomaly maps [B, H, W] for images [B, 3, H, W] in [0, 1]; higher = more anomalous."""
+
+    @property
+    def is_fitted(self) -> bool:
+        return self._is_fitted()
+
+    @abstractmethod
+    def _is_fitted(self) -> bool: ...
+
+    @abstractmethod
+    def _save_weights(self, directory: Path, token: str) -> dict[str, str]:
+        """Write weight files into ``directory`` under names containing ``token``; return {role: file name}."""
+
+    @abstractmethod
+    def _load_weights(self, directory: Path, files: dict[str, str]) -> None: ...
+
+    def classify(self, scores: torch.Tensor) -> torch.Tensor:
+        """Boolean decisions for image scores, using the threshold stored with the model."""
+        if self.image_threshold is None:
+            raise RuntimeError("this detector has no threshold yet (fit it first)")
+        return scores >= self.image_threshold
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        if not self.is_fitted:
+            raise RuntimeError("cannot save a detector that has not been fitted")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        previous = _read_meta(directory) if (directory / DETECTOR_FILE).is_file() else None
+        token = secrets.token_hex(4)
+        files = self._save_weights(directory, token)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "config": config_to_dict(self.config),
+            "image_threshold": self.image_threshold,
+            "fit_info": self.fit_info,
+            "files": files,
+        }
+        atomic_write_text(directory / DETECTOR_FILE, json.dumps(meta, indent=2) + "\n")
+        if previous:
+            for name in set(previous.get("files", {}).values()) - set(files.values()):
+                _remove(directory / name)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Detector":
+        """Load a saved detector; ``directory`` may also be a run folder holding ``model/``."""
+        directory = resolve_model_dir(directory)
+        meta = _read_meta(directory)
+        source = str(directory / DETECTOR_FILE)
+        kind = meta.get("kind")
+        target = _REGISTRY.get(kind)
+        if target is None:
+            raise ModelError(f"{source}: unknown detector kind {kind!r}; known: {sorted(_REGISTRY)}")
+        if cls is not Detector and not issubclass(target, cls):
+            raise ModelError(f"{source}: holds a {kind!r} detector, not a {cls.kind!r} one")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ModelError(f"{source}: format version {meta.get('format_version')} not supported "
+                             f"(this slsg reads version {FORMAT_VERSION})")
+        detector = target(config_from_dict(target.config_class, meta.get("config", {}), source))
+        detector.image_threshold = meta.get("image_threshold")
+        detector.fit_info = meta.get("fit_info", {})
+        files = meta.get("files", {})
+        for name in files.values():
+            if not (directory / name).exists():
+                raise ModelError(f"{source}: refers to {directory / name}, which does not exist")
+        detector._load_weights(directory, files)
+        return detector
+
+
+def resolve_model_dir(path: str | os.PathLike) -> Path:
+    """The folder holding detector.json: ``path`` itself or ``path/model`` (a run folder)."""
+    path = Path(path)
+    if (path / DETECTOR_FILE).is_file():
+        return path
+    if (path / "model" / DETECTOR_FILE).is_file():
+        return path / "model"
+    if not path.exists():
+        raise ModelError(f"model folder not found: {path}")
+    raise ModelError(f"no saved detector in {path} (expected {path / DETECTOR_FILE} or "
+                     f"{path / 'model' / DETECTOR_FILE})")
+
+
+def load_detector(path: str | os.PathLike) -> Detector:
+    """Load any registered detector saved with ``Detector.save``."""
+    return Detector.load(path)
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / DETECTOR_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelError(f"no saved detector: {path} not found") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path} does not hold a JSON object")
+    return meta
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

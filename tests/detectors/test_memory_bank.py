@@ -1,0 +1,178 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from slsg.detectors import MemoryBankConfig, MemoryBankDetector, ModelError, load_detector
+from slsg.detectors.base import gaussian_smooth
+
+SIZE = 64
+
+
+def normal_image(seed: int) -> torch.Tensor:
+    """A smooth, slightly varying 'product' image: diagonal gradient with a disc and mild noise."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
+    base = 0.3 + 0.3 * (xx + yy) / 2
+    disc = ((xx - 0.5) ** 2 + (yy - 0.5) ** 2 < 0.08).float() * 0.2
+    image = torch.stack([base + disc, base * 0.9 + disc, base * 0.8 + disc])
+    return (image + 0.02 * torch.randn(image.shape, generator=g)).clamp(0, 1)
+
+
+def with_defect(image: torch.Tensor, top: int = 26, left: int = 30, size: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    image = image.clone()
+    mask = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    mask[top:top + size, left:left + size] = True
+    image[:, mask] = torch.tensor([0.05, 0.9, 0.05])[:, None]
+    return image, mask
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": 0, "path": f"img{i}.png"}
+
+
+@pytest.fixture(scope="module")
+def fitted() -> MemoryBankDetector:
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=0.5, calibration_ratio=0.2, batch_size=4)
+    return MemoryBankDetector(config, progress=False).fit(ListDataset([normal_image(i) for i in range(10)]))
+
+
+def test_predict_shapes_scores_and_localisation(fitted):
+    anomalous, mask = with_defect(normal_image(100))
+    images = torch.stack([normal_image(101), anomalous])
+    scores, maps = fitted.predict(images)
+    assert scores.shape == (2,) and maps.shape == (2, SIZE, SIZE)
+    assert scores.dtype == torch.float32 and maps.dtype == torch.float32
+    assert scores[1] > 1.2 * scores[0]
+    # image score = max of the map (score_topk=1), computed independently
+    torch.testing.assert_close(scores, maps.flatten(1).max(1).values)
+    # the hottest pixel lies on (or next to) the defect
+    peak = np.unravel_index(int(maps[1].argmax()), (SIZE, SIZE))
+    near = ndimage.binary_dilation(mask.numpy(), iterations=6)
+    assert near[peak], (peak, mask.nonzero()[0])
+    assert fitted.classify(scores).tolist() == [False, True]
+
+
+def test_threshold_comes_from_held_out_normal_images(fitted):
+    info = fitted.fit_info
+    assert info["calibration_images"] == 2 and info["train_images"] == 8
+    held_out = torch.stack([normal_image(i) for i in info["calibration_indices"]])
+    scores, _ = fitted.predict(held_out)
+    assert fitted.image_threshold == pytest.approx(float(np.quantile(scores.numpy().astype(np.float64), 0.99)),
+                                                   rel=1e-5)
+    # 8 bank images x 8x8 patches, half kept by the coreset
+    assert info["bank_size"] == 8 * 8 * 8 // 2
+    assert info["embedding_dim"] == 40 + 112
+
+
+def test_embedding_is_pooled_concatenation(fitted):
+    x = normal_image(3)[None]
+    emb = fitted.embed(x)
+    assert emb.shape == (1, SIZE // 8, SIZE // 8, 152)
+    with torch.no_grad():
+        feats = fitted.backbone(x, strides=(8, 16))
+    # independent computation for one interior patch (row 3, col 4)
+    f8 = feats[8][0, :, 2:5, 3:6].mean(dim=(1, 2))
+    f16 = F.interpolate(F.avg_pool2d(feats[16], 3, 1, 1, count_include_pad=False), size=(8, 8), mode="bilinear",
+                        align_corners=False)[0, :, 3, 4]
+    torch.testing.assert_close(emb[0, 3, 4], torch.cat([f8, f16]), rtol=1e-4, atol=1e-4)
+
+
+def test_embed_dim_pools_channels():
+    config = MemoryBankConfig(image_size=SIZE, embed_dim=64, weights=None)
+    detector = MemoryBankDetector(config, progress=False)
+    assert detector.embed(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 8, 8, 64)
+
+
+def test_other_input_sizes_are_resized_and_maps_match_input(fitted):
+    scores, maps = fitted.predict(torch.rand(1, 3, 80, 96))
+    assert maps.shape == (1, 80, 96) and scores.shape == (1,)
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    images = torch.stack([normal_image(200), with_defect(normal_image(201))[0]])
+    scores, maps = fitted.predict(images)
+    fitted.save(tmp_path / "run" / "model")
+    first_files = set((tmp_path / "run" / "model").iterdir())
+    fitted.save(tmp_path / "run" / "model")  # saving again replaces, leaving one set of weight files
+    files = {p.name for p in (tmp_path / "run" / "model").iterdir()}
+    assert len(files) == 3 and "detector.json" in files and len(first_files) == 3
+    meta = json.loads((tmp_path / "run" / "model" / "detector.json").read_text())
+    assert meta["kind"] == "memory_bank" and meta["config"]["strides"] == [8, 16]
+    for path in (tmp_path / "run" / "model", tmp_path / "run"):  # the model folder or its run folder
+        loaded = load_detector(path)
+        assert isinstance(loaded, MemoryBankDetector)
+        assert loaded.config == fitted.config and loaded.config.strides == (8, 16)
+        assert loaded.image_threshold == fitted.image_threshold
+        loaded.progress = False
+        s2, m2 = loaded.predict(images)
+        torch.testing.assert_close(s2, scores)
+        torch.testing.assert_close(m2, maps)
+    assert MemoryBankDetector.load(tmp_path / "run").fit_info == fitted.fit_info
+
+
+def test_load_errors_name_the_problem(fitted, tmp_path):
+    with pytest.raises(ModelError, match="nowhere"):
+        load_detector(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="empty"):
+        load_detector(tmp_path / "empty")
+    model = fitted.save(tmp_path / "model")
+    meta = json.loads((model / "detector.json").read_text())
+    (model / meta["files"]["bank"]).unlink()
+    with pytest.raises(ModelError, match="does not exist"):
+        load_detector(model)
+    (model / "detector.json").write_text("{not json")
+    with pytest.raises(ModelError, match="detector.json"):
+        load_detector(model)
+    meta["kind"] = "alien"
+    (model / "detector.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="alien"):
+        load_detector(model)
+
+
+def test_input_validation(fitted):
+    with pytest.raises(ValueError, match="batch"):
+        fitted.predict(torch.rand(3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="shape"):
+        fitted.predict(torch.rand(1, 1, SIZE, SIZE))
+    with pytest.raises(ValueError, match="dtype"):
+        fitted.predict(torch.zeros(1, 3, SIZE, SIZE, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="255"):
+        fitted.predict(torch.full((1, 3, SIZE, SIZE), 200.0))
+    with pytest.raises(RuntimeError, match="fit"):
+        MemoryBankDetector(MemoryBankConfig(image_size=SIZE, weights=None)).predict(torch.rand(1, 3, SIZE, SIZE))
+    with pytest.raises(RuntimeError, match="fitted"):
+        MemoryBankDetector(MemoryBankConfig(weights=None)).save("unused")
+
+
+@pytest.mark.parametrize("kwargs", [dict(strides=(8, 12)), dict(strides=()), dict(image_size=100),
+                                    dict(coreset_ratio=0.0), dict(calibration_ratio=1.0), dict(pool_size=2)])
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        MemoryBankConfig(**kwargs)
+
+
+def test_single_image_dataset_has_no_threshold():
+    config = MemoryBankConfig(image_size=SIZE, weights=None)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset([normal_image(0)]))
+    assert detector.image_threshold is None and detector.fit_info["calibration_images"] == 0
+    with pytest.raises(RuntimeError, match="threshold"):
+        detector.classify(torch.zeros(1))
+
+
+def test_gaussian_smooth_matches_scipy():
+    maps = torch.rand(2, 1, 40, 50, dtype=torch.float64)
+    expected = np.stack([ndimage.gaussian_filter(m[0].numpy(), sigma=4, mode="mirror", truncate=4.0)
+                         for m in maps])
+    torch.testing.assert_close(gaussian_smooth(maps, 4.0)[:, 0], torch.from_numpy(expected))

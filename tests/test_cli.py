@@ -1,0 +1,187 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from slsg import cli
+from slsg.detectors import MemoryBankConfig, MemoryBankDetector
+
+
+def run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A saved detector on random images (random backbone weights: fast, no files needed)."""
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    config = MemoryBankConfig(image_size=32, weights=None, coreset_ratio=None)
+    detector = MemoryBankDetector(config, progress=False).fit(images)
+    return detector.save(tmp_path_factory.mktemp("run") / "model").parent
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "test", "predict", "download", "simulate"):
+        assert command in out
+
+
+def test_bad_data_path_is_one_line_exit_2(capsys, tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    code, _, err = run(capsys, "fit", "--data", missing, "--out", tmp_path / "run", "--quiet")
+    assert code == 2
+    assert str(missing) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_unrecognised_dataset_layout(capsys, tmp_path):
+    (tmp_path / "stuff").mkdir()
+    code, _, err = run(capsys, "fit", "--data", tmp_path / "stuff", "--out", tmp_path / "run")
+    assert code == 2 and "layout" in err and str(tmp_path / "stuff") in err
+
+
+def test_test_and_predict_with_missing_model(capsys, tmp_path):
+    code, _, err = run(capsys, "test", "--model", tmp_path / "nomodel", "--data", tmp_path)
+    assert code == 2 and str(tmp_path / "nomodel") in err
+    code, _, err = run(capsys, "predict", "--model", tmp_path / "nomodel", tmp_path / "x.png")
+    assert code == 2 and str(tmp_path / "nomodel") in err
+
+
+def test_predict_bad_images(capsys, tmp_path, tiny_model):
+    code, _, err = run(capsys, "predict", "--model", tiny_model, tmp_path / "missing.png")
+    assert code == 2 and str(tmp_path / "missing.png") in err
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG but not really")
+    code, _, err = run(capsys, "predict", "--model", tiny_model, corrupt)
+    assert code == 2 and str(corrupt) in err and "Traceback" not in err
+
+
+def test_predict_writes_scores_and_heatmaps(capsys, tmp_path, tiny_model):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (50, 40), (90, 120, 30)).save(folder / "a.png")
+    Image.new("L", (30, 30), 200).save(folder / "b.jpg")  # grayscale works too
+    (tmp_path / "other").mkdir()
+    Image.new("RGB", (20, 20), (10, 10, 10)).save(tmp_path / "other" / "a.png")  # same name, other folder
+    code, out, err = run(capsys, "predict", "--model", tiny_model, folder, tmp_path / "other" / "a.png",
+                         "--out", tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    lines = [line.split("\t") for line in out.splitlines() if "\t" in line]
+    assert [Path(p[0]).name for p in lines] == ["a.png", "b.jpg", "a.png"]
+    assert all(p[2] in ("normal", "anomalous") for p in lines)
+    record = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [r["score"] for r in record["predictions"]] == pytest.approx([float(p[1]) for p in lines], abs=1e-4)
+    with Image.open(tmp_path / "pred" / "a_heatmap.png") as im:
+        assert im.width == 2 * 50 + 4
+    assert len({r["heatmap"] for r in record["predictions"]}) == 3
+
+
+def test_download_and_simulate_dispatch(capsys, tmp_path, monkeypatch):
+    calls = {}
+
+    def fake_download(dataset, category, root, url=None, progress=True):
+        calls["download"] = (dataset, category, str(root), url)
+        return Path(root) / category
+
+    def fake_write_examples(data_dir, out_dir, n=16, seed=0, textures=None, preset=None, image_size=256):
+        calls["simulate"] = (str(data_dir), str(out_dir), n, seed)
+        return [Path(out_dir) / "000_image.png"]
+
+    monkeypatch.setattr("slsg.data.download.download", fake_download)
+    monkeypatch.setattr("slsg.data.synthesis.write_examples", fake_write_examples)
+    code, out, _ = run(capsys, "download", "mvtec-ad", "bottle", "--root", tmp_path / "data")
+    assert code == 0 and calls["download"] == ("mvtec-ad", "bottle", str(tmp_path / "data"), None)
+    assert str(tmp_path / "data" / "bottle") in out
+    code, _, _ = run(capsys, "simulate", "--data", tmp_path, "--out", tmp_path / "sim", "-n", 3, "--seed", 7)
+    assert code == 0 and calls["simulate"] == (str(tmp_path), str(tmp_path / "sim"), 3, 7)
+    code, _, err = run(capsys, "simulate", "--data", tmp_path / "none", "--out", tmp_path / "sim")
+    assert code == 2 and str(tmp_path / "none") in err
+
+
+def _bottle_subset(bottle: Path, root: Path, n_train: int = 20, n_test: dict | None = None) -> Path:
+    """A small MVTec AD layout of symbolic links to real bottle images (nothing is copied)."""
+    n_test = n_test or {"good": 4, "broken_large": 2, "broken_small": 2, "contamination": 2}
+    sub = root / "bottle"
+    (sub / "train" / "good").mkdir(parents=True)
+    for path in sorted((bottle / "train" / "good").glob("*.png"))[:n_train]:
+        (sub / "train" / "good" / path.name).symlink_to(path)
+    for defect, count in n_test.items():
+        (sub / "test" / defect).mkdir(parents=True)
+        for path in sorted((bottle / "test" / defect).glob("*.png"))[:count]:
+            (sub / "test" / defect / path.name).symlink_to(path)
+            if defect != "good":
+                mask = bottle / "ground_truth" / defect / f"{path.stem}_mask.png"
+                (sub / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+                (sub / "ground_truth" / defect / mask.name).symlink_to(mask)
+    return sub
+
+
+def test_end_to_end_on_real_bottle_images(capsys, tmp_path, shared_data):
+    bottle = shared_data / "mvtec_ad" / "bottle"
+    if not bottle.is_dir():
+        pytest.skip(f"{bottle} not found")
+    data = _bottle_subset(bottle, tmp_path)
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "fit", "--data", data, "--out", run_dir, "--quiet", "--heatmaps", 1)
+    assert code == 0, err
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["dataset"]["train_images"] == 20 and metrics["dataset"]["test_images"] == 10
+    # 20 training images are enough to separate these clearly (chance is 0.5)
+    assert metrics["image_auroc"] >= 0.8, metrics
+    assert metrics["pixel_auroc"] >= 0.9, metrics
+    assert metrics["fit_seconds"] > 0 and metrics["images_per_second"] > 0
+    assert "image_auroc" in out
+    for name in ("report.md", "roc.png", "pro.png", "split.json", "model/detector.json"):
+        assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "heatmaps").iterdir())) == 4  # one per defect type and one good
+
+
+def _synthetic_layout(root: Path) -> Path:
+    """A tiny MVTec AD layout of generated 40x48 images: bright squares are the defects."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def image(defect: bool) -> tuple[Image.Image, Image.Image]:
+        pixels = (rng.uniform(90, 110, size=(40, 48, 3))).astype(np.uint8)
+        mask = np.zeros((40, 48), dtype=np.uint8)
+        if defect:
+            mask[10:20, 20:30] = 255
+            pixels[mask > 0] = (250, 20, 20)
+        return Image.fromarray(pixels), Image.fromarray(mask)
+
+    for split, defect, count in (("train", "good", 5), ("test", "good", 3), ("test", "spot", 3)):
+        (root / split / defect).mkdir(parents=True)
+        for i in range(count):
+            im, mask = image(defect != "good")
+            im.save(root / split / defect / f"{i:03d}.png")
+            if defect != "good":
+                (root / "ground_truth" / defect).mkdir(parents=True, exist_ok=True)
+                mask.save(root / "ground_truth" / defect / f"{i:03d}_mask.png")
+    return root
+
+
+def test_fit_then_test_reproduces_metrics(capsys, tmp_path):
+    data = _synthetic_layout(tmp_path / "toy")
+    run_dir = tmp_path / "run"
+    code, _, err = run(capsys, "fit", "--data", data, "--out", run_dir, "--weights", "none", "--image-size", 32,
+                       "--coreset-ratio", 1.0, "--quiet", "--heatmaps", 0)
+    assert code == 0, err
+    first = json.loads((run_dir / "metrics.json").read_text())
+    assert first["dataset"]["train_images"] == 5 and first["dataset"]["test_images"] == 6
+    assert first["model"]["config"]["image_size"] == 32
+    code, _, err = run(capsys, "test", "--model", run_dir, "--data", data, "--out", tmp_path / "again",
+                       "--quiet", "--heatmaps", 0)
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold"):
+        assert again[key] == pytest.approx(first[key])
