@@ -6,7 +6,11 @@ allocated it (torch, faiss, BLAS). Coarse (pages, not bytes) but honest.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from pathlib import Path
+
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 def _status_kib(field: str) -> int:
@@ -17,7 +21,11 @@ def _status_kib(field: str) -> int:
 
 
 def peak_extra_mib(fn) -> float:
-    """Run ``fn()`` once; return its peak RSS above the RSS before the call, in MiB."""
+    """Run ``fn()`` once; return its peak RSS above the RSS before the call, in MiB.
+
+    Freed heap is handed back to the OS first (malloc_trim): otherwise memory left resident
+    by earlier cases would be reused silently and the call would look free."""
+    _LIBC.malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     fn()
