@@ -132,8 +132,10 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
   check_sphere_distance_args(x_in, centers_in, radii, k);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "sphere_distance on CPU supports float32 and float64, got ", x_in.scalar_type());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor centers = centers_in.contiguous();
+  // Detached: the worker threads below call at::mm_out, and autograd's thread-local
+  // "below autograd" state of this kernel does not follow them there.
+  const at::Tensor x = x_in.contiguous().detach();
+  const at::Tensor centers = centers_in.contiguous().detach();
   const int64_t M = x.size(0);
   at::Tensor dist = at::full({M, k}, std::numeric_limits<double>::infinity(), x.options());
   at::Tensor index = at::full({M, k}, -1, x.options().dtype(at::kLong));
@@ -144,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
     at::Tensor center_offset = squared_row_norms<scalar_t>(centers, "centers contain");
     at::Tensor radius_sq;
     if (radii.has_value()) {
-      radius_sq = radii->to(x.scalar_type()).contiguous().square();
+      radius_sq = radii->detach().to(x.scalar_type()).contiguous().square();
       TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf");
       center_offset -= radius_sq;
     }
