@@ -43,4 +43,100 @@ inline void check_greedy_coreset_args(const at::Tensor& x, int64_t n, int64_t st
               start);
 }
 
+// ---- graph ops -------------------------------------------------------------------------
+
+// index must be int64 [B, N, K] on x's device with values in [0, n_source). The value range
+// is checked on the data (one reduction): an out-of-range neighbour would read out of bounds.
+inline void check_graph_index(const char* op, const at::Tensor& index, int64_t B, int64_t N,
+                              int64_t n_source, const at::Tensor& like) {
+  TORCH_CHECK(index.scalar_type() == at::kLong, op, ": index must be int64, got ",
+              index.scalar_type());
+  TORCH_CHECK(index.dim() == 3 && index.size(0) == B && index.size(1) == N,
+              op, ": index must be [B, N, K] = [", B, ", ", N, ", K], got ", index.sizes());
+  TORCH_CHECK(index.size(2) >= 1, op, ": index needs K >= 1 neighbours per node");
+  TORCH_CHECK(index.device() == like.device(), op, ": index on ", index.device(), ", features on ",
+              like.device());
+  if (index.numel() > 0) {
+    const auto [lo, hi] = at::aminmax(index);
+    const int64_t low = lo.item<int64_t>(), high = hi.item<int64_t>();
+    TORCH_CHECK(low >= 0 && high < n_source, op, ": index values must be in [0, N=", n_source,
+                "), got values in [", low, ", ", high, "]");
+  }
+}
+
+inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              ", expected ", ref.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " on ", t.device(), ", expected ",
+              ref.device());
+}
+
+inline void check_knn_graph_args(const at::Tensor& x, int64_t k, int64_t dilation,
+                                 const std::optional<at::Tensor>& bias, bool include_self) {
+  TORCH_CHECK(x.dim() == 3, "knn_graph: x must be 3-D [B, N, C], got ", x.sizes());
+  TORCH_CHECK(x.size(2) > 0, "knn_graph: feature size C must be > 0");
+  const int64_t N = x.size(1), candidates = include_self ? N : N - 1;
+  TORCH_CHECK(k >= 1 && dilation >= 1, "knn_graph: k and dilation must be >= 1, got k=", k,
+              ", dilation=", dilation);
+  TORCH_CHECK(N == 0 || k * dilation <= candidates, "knn_graph: k * dilation = ", k * dilation,
+              " exceeds the ", candidates, " candidate neighbours (N=", N,
+              include_self ? ")" : ", self excluded)");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == N && bias->size(1) == N,
+                "knn_graph: bias must be [N, N] = [", N, ", ", N, "], got ", bias->sizes());
+    check_same("knn_graph", "bias", *bias, x);
+  }
+}
+
+inline void check_max_relative_args(const at::Tensor& x, const at::Tensor& index) {
+  TORCH_CHECK(x.dim() == 3, "max_relative: x must be 3-D [B, N, C], got ", x.sizes());
+  check_graph_index("max_relative", index, x.size(0), x.size(1), x.size(1), x);
+}
+
+// q, k [B, H, Nq|Nk, D], v [B, H, Nk, Dv] with one dtype and device.
+inline void check_attention_qkv(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op,
+              ": q, k, v must be 4-D [B, H, N, D], got ", q.sizes(), ", ", k.sizes(), ", ",
+              v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3), op,
+              ": k must be [B, H, N, D] like q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1) && v.size(2) == k.size(2), op,
+              ": v must be [B, H, N, Dv] with k's first three sizes ", k.sizes(), ", got ",
+              v.sizes());
+  check_same(op, "k", k, q);
+  check_same(op, "v", v, q);
+}
+
+inline void check_sparse_attention_args(const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& v, const at::Tensor& index,
+                                        const std::optional<at::Tensor>& bias) {
+  const char* op = "sparse_graph_attention";
+  check_attention_qkv(op, q, k, v);
+  TORCH_CHECK(k.size(2) == q.size(2), op, ": q and k must have the same N, got ", q.size(2),
+              " and ", k.size(2));
+  check_graph_index(op, index, q.size(0), q.size(2), k.size(2), q);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 4 && bias->size(0) == q.size(0) && bias->size(1) == q.size(1) &&
+                    bias->size(2) == q.size(2) && bias->size(3) == index.size(2),
+                op, ": bias must be [B, H, N, K] = [", q.size(0), ", ", q.size(1), ", ", q.size(2),
+                ", ", index.size(2), "], got ", bias->sizes());
+    check_same(op, "bias", *bias, q);
+  }
+}
+
+inline void check_dense_attention_args(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const std::optional<at::Tensor>& bias) {
+  const char* op = "dense_graph_attention";
+  check_attention_qkv(op, q, k, v);
+  TORCH_CHECK(k.size(2) >= 1 || q.size(2) == 0, op, ": k and v need at least one node");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 3 && bias->size(0) == q.size(1) && bias->size(1) == q.size(2) &&
+                    bias->size(2) == k.size(2),
+                op, ": bias must be [H, Nq, Nk] = [", q.size(1), ", ", q.size(2), ", ", k.size(2),
+                "], got ", bias->sizes());
+    check_same(op, "bias", *bias, q);
+  }
+}
+
 }  // namespace slsg

@@ -9,4 +9,24 @@ TORCH_LIBRARY(slsg, m) {
   m.def("topk_mean(Tensor scores, int k) -> Tensor");
   // k-center greedy selection of n rows of x, starting from row `start`.
   m.def("greedy_coreset(Tensor x, int n, int start) -> Tensor");
+  // Graph ops (cpu/graph*.cpp, cuda/graph*.cu); semantics in slsg/ops/graph_reference.py.
+  // Indices [B, N, k] of the k*dilation most cosine-similar nodes (+ bias [N, N]), every
+  // dilation-th, in descending similarity; ties -> lowest index.
+  m.def("knn_graph(Tensor x, int k, int dilation, Tensor? bias, bool include_self) -> Tensor");
+  // max over the neighbours j = index[b, i, :] of x_j - x_i, per channel.
+  m.def("max_relative(Tensor x, Tensor index) -> Tensor");
+  m.def("max_relative_backward(Tensor grad, Tensor x, Tensor index) -> Tensor");
+  // Softmax attention over the K neighbours of each node: returns (out, logsumexp [B, H, N]).
+  m.def("sparse_graph_attention(Tensor q, Tensor k, Tensor v, Tensor index, Tensor? bias, "
+        "float scale) -> (Tensor, Tensor)");
+  // -> (grad_q, grad_k, grad_v, grad_bias); grad_bias is empty unless bias_grad.
+  m.def("sparse_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+        "Tensor index, Tensor? bias, Tensor lse, float scale, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Softmax attention over all nodes with an online softmax: returns (out, logsumexp).
+  m.def("dense_graph_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
+        "Tensor? bias, Tensor out, Tensor lse, float scale, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
 }

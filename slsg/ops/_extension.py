@@ -11,7 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-OPS = ("sphere_distance", "topk_mean", "greedy_coreset")
+OPS = (
+    "sphere_distance",
+    "topk_mean",
+    "greedy_coreset",
+    "knn_graph",
+    "max_relative",
+    "sparse_graph_attention",
+    "dense_graph_attention",
+)
 
 
 def _load() -> tuple[bool, str | None]:

@@ -1,0 +1,195 @@
+"""CUDA check of the graph ops: runs the CUDA graph tests, a few direct comparisons with the
+references, then GPU timings; prints a short table last. Builds nothing (benchmarks/
+gpu_check.sh builds first and then calls this). Target: a few minutes on one GPU.
+
+Figures:
+- dense_graph_attention vs torch SDPA, with and without an additive bias [H, N, N],
+  forward and forward + backward; peak extra memory from torch.cuda.max_memory_allocated.
+- sparse_graph_attention and max_relative: effective bandwidth (the bytes the op must
+  move at least, over its time) as a percentage of a large device-to-device copy.
+- knn_graph vs normalise + bmm + topk.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import slsg
+from slsg import ops
+from slsg.nn import SelfAttentiveGraphConv
+from slsg.ops import graph_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+rows: list[tuple[str, str, str]] = []
+
+
+def timed(fn, repeat: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_extra(fn) -> float:
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    rows.append((name, "PASS" if ok else "FAIL", detail))
+
+
+def run_tests() -> None:
+    try:
+        import pytest  # noqa: F401
+    except ImportError:
+        rows.append(("graph CUDA tests", "SKIP", "pytest not installed"))
+        return
+    files = [str(p) for p in sorted((ROOT / "tests" / "ops").glob("test_graph_*.py"))]
+    cmd = [sys.executable, "-m", "pytest", *files, str(ROOT / "tests" / "nn" / "test_graph_conv.py"),
+           "-q", "-k", "cuda", "-p", "no:cacheprovider"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    print(out.stdout[-3000:], out.stderr[-2000:])
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
+    check("graph CUDA tests (pytest -k cuda)", out.returncode == 0, summary)
+
+
+def max_err(a, b) -> float:
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def correctness() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D, K = 2, 4, 777, 48, 9
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    index = torch.randint(0, N, (B, N, K), generator=g)
+    bias = torch.randn(H, N, N, generator=g) * 0.5
+    for dtype, tol in [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 6e-2)]:
+        name = str(dtype)[6:]
+        qd, kd, vd = (t.cuda().to(dtype) for t in (q, k, v))
+        ref_in = [t.to(dtype).double() for t in (q, k, v)]
+        err = max_err(ops.dense_graph_attention(qd, kd, vd, bias.cuda().to(dtype)),
+                      graph_reference.dense_graph_attention(*ref_in, bias.to(dtype).double()))
+        check(f"dense_graph_attention {name} B={B} H={H} N={N} D={D}", err < tol, f"max err {err:.1e}")
+        err = max_err(ops.sparse_graph_attention(qd, kd, vd, index.cuda()),
+                      graph_reference.sparse_graph_attention(*ref_in, index))
+        check(f"sparse_graph_attention {name}", err < tol, f"max err {err:.1e}")
+    x = torch.randn(B, N, 64, generator=g)
+    same = torch.equal(ops.knn_graph(x.double().cuda(), 9, 3).cpu(), graph_reference.knn_graph(x.double(), 9, 3))
+    check("knn_graph float64 == reference", same)
+    # Gradients on the GPU against float64 finite differences (small sizes).
+    small = [torch.randn(2, 2, 6, 5, dtype=torch.float64, device="cuda", requires_grad=True) for _ in range(3)]
+    sb = torch.randn(2, 6, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    check("dense_graph_attention gradcheck float64",
+          torch.autograd.gradcheck(lambda a, b, c, d: ops.dense_graph_attention(a, b, c, d), (*small, sb)))
+    si = torch.randint(0, 6, (2, 6, 3), device="cuda")
+    eb = torch.randn(2, 2, 6, 3, dtype=torch.float64, device="cuda", requires_grad=True)
+    check("sparse_graph_attention gradcheck float64",
+          torch.autograd.gradcheck(lambda a, b, c, d: ops.sparse_graph_attention(a, b, c, si, d), (*small, eb)))
+    # The layer: extension and reference backends agree on the GPU.
+    x = torch.randn(4, 64, 12, 12, generator=g).cuda()
+    outs = []
+    for backend in ("extension", "reference"):
+        torch.manual_seed(0)
+        layer = SelfAttentiveGraphConv(64, heads=4, backend=backend).cuda()
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf)
+        out.square().mean().backward()
+        outs.append((out.detach(), leaf.grad))
+    err = max(max_err(a, b) for a, b in zip(*outs))
+    check("SelfAttentiveGraphConv extension == reference (CUDA)", err < 1e-3, f"max err {err:.1e}")
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy: the practical peak."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / timed(lambda: dst.copy_(src))
+
+
+def benchmarks() -> None:
+    torch.manual_seed(0)
+    B, C = 8, 256
+    for N in (1024, 4096):
+        for H in (1, 8):
+            D = C // H
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
+                bias = 0.1 * torch.randn(H, N, N, device="cuda", dtype=dtype)
+                for with_bias in (False, True):
+                    b = bias if with_bias else None
+                    label = f"dense {str(dtype)[6:]} B={B} H={H} N={N} D={D}{' +bias' if with_bias else ''}"
+                    ours = lambda: ops.dense_graph_attention(q, k, v, b)  # noqa: E731
+                    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=b)  # noqa: E731
+                    t_ours, t_sdpa = timed(ours, 3), timed(sdpa, 3)
+                    rows.append((label + " fwd", f"{t_ours * 1e3:.2f} ms",
+                                 f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours):.0f} vs {peak_extra(sdpa):.0f} MiB"))
+                    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                    grad = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
+                    ours_fb = lambda: torch.autograd.grad(ops.dense_graph_attention(*leaves, b), leaves, grad)  # noqa: E731
+                    sdpa_fb = lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves, attn_mask=b), leaves, grad)  # noqa: E731
+                    t_ours, t_sdpa = timed(ours_fb, 3), timed(sdpa_fb, 3)
+                    rows.append((label + " fwd+bwd", f"{t_ours * 1e3:.2f} ms",
+                                 f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours_fb):.0f} vs {peak_extra(sdpa_fb):.0f} MiB"))
+                del q, k, v, bias
+
+    peak = copy_bandwidth()
+    rows.append(("device-to-device copy", f"{peak / 1e9:.0f} GB/s", "the 100% of the bandwidth figures"))
+    K = 9
+    for N, H in ((4096, 1), (4096, 8), (16384, 4)):
+        D = C // H
+        for dtype in (torch.bfloat16, torch.float32):
+            q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
+            index = torch.randint(0, N, (B, N, K), device="cuda")
+            size = q.element_size()
+            # q read once, K neighbour rows of k and v, out written, the index read.
+            moved = B * H * N * D * size * (1 + 2 * K + 1) + index.numel() * 8
+            t = timed(lambda: ops.sparse_graph_attention(q, k, v, index))
+            t_ref = timed(lambda: graph_reference.sparse_graph_attention(q, k, v, index), 2)
+            rows.append((f"sparse {str(dtype)[6:]} B={B} H={H} N={N} D={D} K={K}", f"{t * 1e3:.2f} ms",
+                         f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms"))
+            x = torch.randn(B, N, C, device="cuda", dtype=dtype)
+            moved = x.numel() * size * (K + 2) + index.numel() * 8
+            t = timed(lambda: ops.max_relative(x, index))
+            t_ref = timed(lambda: graph_reference.max_relative(x, index), 2)
+            rows.append((f"max_relative {str(dtype)[6:]} B={B} N={N} C={C} K={K}", f"{t * 1e3:.2f} ms",
+                         f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms"))
+            del q, k, v, x
+    for N in (1024, 4096):
+        x = torch.randn(B, N, C, device="cuda")
+        bias = 0.1 * torch.randn(N, N, device="cuda")
+
+        def matmul_topk():
+            xn = F.normalize(x, dim=-1)
+            return torch.baddbmm(bias.expand(B, -1, -1), xn, xn.transpose(1, 2)).topk(27, dim=-1).indices[:, :, ::3]
+
+        t, t_ref = timed(lambda: ops.knn_graph(x, 9, 3, bias)), timed(matmul_topk)
+        rows.append((f"knn_graph fp32 B={B} N={N} C={C} k=9 d=3", f"{t * 1e3:.2f} ms",
+                     f"matmul+topk {t_ref * 1e3:.2f} ms, extra {peak_extra(lambda: ops.knn_graph(x, 9, 3, bias)):.0f} vs {peak_extra(matmul_topk):.0f} MiB"))
+
+
+if __name__ == "__main__":
+    assert torch.cuda.is_available(), "no CUDA device"
+    print("backend:", slsg.ops.backend())
+    run_tests()
+    correctness()
+    benchmarks()
+    width = max(len(r[0]) for r in rows)
+    print("\n== GPU graph check summary")
+    for name, value, detail in rows:
+        print(f"{name:<{width}}  {value:>10}  {detail}")
+    raise SystemExit(1 if any(r[1] == "FAIL" for r in rows) else 0)

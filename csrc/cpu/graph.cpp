@@ -1,0 +1,443 @@
+// CPU kernels for graph construction and aggregation: knn_graph and max_relative.
+//
+// knn_graph: cosine similarity is a GEMM of the L2-normalised features with themselves.
+// The [N, N] matrix is never built: it is cut into T x T tiles, and since it is symmetric
+// only tiles with I <= J are computed, each feeding both its rows (node i sees j) and its
+// columns (node j sees i). Every node keeps its best k*dilation candidates in a small sorted
+// list; a lower bound of its final threshold, taken from a strided sample of the nodes,
+// lets one vector comparison reject most candidates from the first tile on. With enough
+// batch items a thread takes whole items; otherwise tiles run in round-robin rounds (no
+// block twice in a round), so the tiles of a round run in parallel without two threads
+// touching one list.
+//
+// max_relative: forward is row-parallel; backward is parallel over (batch, channel block),
+// so each thread owns the gradient rows it scatters into (no atomics, deterministic).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../checks.h"
+
+namespace slsg {
+namespace {
+
+constexpr int64_t kKnnTile = 256;                    // 256 x 256 floats = 256 KiB: fits L2
+constexpr int64_t kKnnStateBytes = 32 * 1024 * 1024;  // heaps of the batch items in flight
+constexpr double kCosineEps = 1e-12;                  // as F.normalize
+
+template <typename acc_t>
+struct Candidate {
+  acc_t value;
+  int64_t index;
+};
+
+// a ranks before b: higher similarity first, then the lower index.
+template <typename acc_t>
+inline bool ranks_before(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
+  return a.value > b.value || (a.value == b.value && a.index < b.index);
+}
+
+// Offers `count` candidates (values[c] + bias[c], node first + c) to one node's list, kept
+// sorted best first with at most `capacity` entries; returns the new length. Chunks whose
+// maximum is below the worst entry of a full list are rejected with one vector pass; the
+// survivors are gathered into `scratch` (room for count + capacity entries), cut to the
+// best `capacity` with nth_element, sorted and merged with the list in one pass. `floor`
+// is a lower bound of the node's capacity-th best value (see knn_floors): candidates below
+// it cannot make the list.
+template <typename acc_t>
+int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
+                         const acc_t* values, const acc_t* bias, int64_t first, int64_t count,
+                         int64_t skip, acc_t floor, Candidate<acc_t>* scratch) {
+  constexpr int64_t kChunk = 16;
+  acc_t vals[kChunk];
+  const acc_t worst = n == capacity ? std::max(floor, list[n - 1].value) : floor;
+  int64_t m = 0;
+  for (int64_t c0 = 0; c0 < count; c0 += kChunk) {
+    const int64_t cw = std::min(kChunk, count - c0);
+    acc_t chunk_max = -std::numeric_limits<acc_t>::infinity();
+    if (bias) {
+#pragma omp simd reduction(max : chunk_max)
+      for (int64_t c = 0; c < cw; ++c) {
+        vals[c] = values[c0 + c] + bias[c0 + c];
+        chunk_max = std::max(chunk_max, vals[c]);
+      }
+    } else {
+#pragma omp simd reduction(max : chunk_max)
+      for (int64_t c = 0; c < cw; ++c) {
+        vals[c] = values[c0 + c];
+        chunk_max = std::max(chunk_max, vals[c]);
+      }
+    }
+    if (chunk_max < worst) continue;
+    for (int64_t c = 0; c < cw; ++c) {
+      const int64_t node = first + c0 + c;
+      if (vals[c] >= worst && node != skip) scratch[m++] = {vals[c], node};
+    }
+  }
+  if (m == 0) return n;
+  if (m > capacity) {
+    std::nth_element(scratch, scratch + capacity - 1, scratch + m, ranks_before<acc_t>);
+    m = capacity;
+  }
+  std::sort(scratch, scratch + m, ranks_before<acc_t>);
+  // Merge the two sorted runs into the space after the survivors, then copy back.
+  Candidate<acc_t>* merged = scratch + m;
+  const int64_t total = std::min(capacity, n + m);
+  int64_t a = 0, b = 0;
+  for (int64_t t = 0; t < total; ++t) {
+    const bool take_list = b == m || (a < n && ranks_before(list[a], scratch[b]));
+    merged[t] = take_list ? list[a++] : scratch[b++];
+  }
+  std::copy(merged, merged + total, list);
+  return total;
+}
+
+// Round-robin tournament over nb blocks: every pair I < J exactly once, no block twice in
+// one round; the first round holds the diagonal tiles (I, I).
+std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_rounds(int64_t nb) {
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds(1);
+  for (int64_t i = 0; i < nb; ++i) rounds[0].emplace_back(i, i);
+  const int64_t n = nb + (nb % 2);  // odd: add a dummy block nb (a bye)
+  for (int64_t r = 0; r + 1 < n; ++r) {
+    std::vector<std::pair<int64_t, int64_t>> round;
+    auto add = [&](int64_t a, int64_t b) {
+      if (a < nb && b < nb && a != b) round.emplace_back(std::min(a, b), std::max(a, b));
+    };
+    add(n - 1, r);
+    for (int64_t i = 1; i < n / 2; ++i) add((r + i) % (n - 1), (r - i + (n - 1)) % (n - 1));
+    if (!round.empty()) rounds.push_back(std::move(round));
+  }
+  return rounds;
+}
+
+// Offers the dot products of tile (I, J) of one batch item to the nodes' lists: rows of
+// block I see the nodes of block J and, when I != J, rows of block J see those of block I
+// (the same products, transposed).
+template <typename acc_t>
+void knn_tile(const at::Tensor& xb, const acc_t* bias, int64_t N, int64_t I, int64_t J,
+              bool include_self, const acc_t* floors, Candidate<acc_t>* items, int64_t* sizes,
+              int64_t span) {
+  const int64_t i0 = I * kKnnTile, j0 = J * kKnnTile;
+  const int64_t ti = std::min(kKnnTile, N - i0), tj = std::min(kKnnTile, N - j0);
+  const at::Tensor tile = at::mm(xb.narrow(0, i0, ti), xb.narrow(0, j0, tj).t());
+  const acc_t* S = tile.data_ptr<acc_t>();
+  std::vector<Candidate<acc_t>> scratch(std::max(ti, tj) + span);
+  for (int64_t r = 0; r < ti; ++r) {
+    const int64_t i = i0 + r;
+    sizes[i] = offer_candidates<acc_t>(items + i * span, sizes[i], span, S + r * tj,
+                                       bias ? bias + i * N + j0 : nullptr, j0, tj,
+                                       include_self ? -1 : i, floors[i], scratch.data());
+  }
+  if (I == J) return;
+  // The transposed copy (a blocked ATen transpose) keeps the column pass contiguous.
+  const at::Tensor tile_t = tile.t().contiguous();
+  const acc_t* St = tile_t.data_ptr<acc_t>();
+  for (int64_t c = 0; c < tj; ++c) {
+    const int64_t j = j0 + c;
+    sizes[j] = offer_candidates<acc_t>(items + j * span, sizes[j], span, St + c * ti,
+                                       bias ? bias + j * N + i0 : nullptr, i0, ti, -1, floors[j],
+                                       scratch.data());
+  }
+}
+
+// Per node, a lower bound of its span-th best value: the span-th best over a strided sample
+// of the nodes, lowered by a margin that covers the rounding difference between this GEMM
+// and the tiles'. The true top span all score at least this, so candidates below it are
+// rejected from the first tile on, even when the tiles that hold the best candidates come
+// last (e.g. a relative-position bias that favours distant nodes). Small graphs skip it.
+template <typename acc_t>
+void knn_floors(const at::Tensor& xb, const acc_t* bias, int64_t span, bool include_self,
+                acc_t* floors) {
+  const int64_t N = xb.size(0);
+  const int64_t samples = std::min<int64_t>(256, N / 16);
+  if (N < 512 || samples < 2 * span) {
+    std::fill(floors, floors + N, -std::numeric_limits<acc_t>::infinity());
+    return;
+  }
+  const int64_t stride = N / samples;
+  const at::Tensor sims = at::mm(xb, xb.slice(0, 0, stride * samples, stride).t()).contiguous();  // [N, samples]
+  const acc_t* sd = sims.data_ptr<acc_t>();
+  std::vector<acc_t> row(samples);
+  for (int64_t i = 0; i < N; ++i) {
+    int64_t m = 0;
+    for (int64_t t = 0; t < samples; ++t) {
+      const int64_t j = t * stride;
+      if (!include_self && j == i) continue;
+      row[m++] = sd[i * samples + t] + (bias ? bias[i * N + j] : acc_t(0));
+    }
+    std::nth_element(row.begin(), row.begin() + (span - 1), row.begin() + m, std::greater<acc_t>());
+    const acc_t v = row[span - 1];
+    floors[i] = v - acc_t(1e-3) * std::max<acc_t>(1, std::abs(v));
+  }
+}
+
+// Writes every dilation-th index of each node's sorted list.
+template <typename acc_t>
+void knn_emit(const Candidate<acc_t>* items, int64_t rows, int64_t span, int64_t k,
+              int64_t dilation, int64_t* out) {
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t t = 0; t < k; ++t) out[row * k + t] = items[row * span + t * dilation].index;
+}
+
+template <typename acc_t>
+void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, int64_t dilation,
+                      bool include_self, at::Tensor& out) {
+  const int64_t B = xn.size(0), N = xn.size(1);
+  const int64_t span = k * dilation;
+  const int64_t nb = (N + kKnnTile - 1) / kKnnTile;
+  const auto rounds = tile_rounds(nb);
+  const acc_t* bias_data = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+  int64_t* out_data = out.data_ptr<int64_t>();
+
+  if (B >= at::get_num_threads()) {
+    // Enough batch items to keep every thread busy: a thread takes whole items (one
+    // parallel region, no barriers between tiles).
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Candidate<acc_t>> items(N * span);
+      std::vector<int64_t> sizes(N);
+      std::vector<acc_t> floors(N);
+      for (int64_t b = begin; b < end; ++b) {
+        std::fill(sizes.begin(), sizes.end(), 0);
+        const at::Tensor xb = xn[b];
+        knn_floors<acc_t>(xb, bias_data, span, include_self, floors.data());
+        for (const auto& round : rounds)
+          for (const auto& [I, J] : round)
+            knn_tile<acc_t>(xb, bias_data, N, I, J, include_self, floors.data(), items.data(),
+                            sizes.data(), span);
+        knn_emit<acc_t>(items.data(), N, span, k, dilation, out_data + b * N * k);
+      }
+    });
+    return;
+  }
+  // Few batch items: the tiles of one round run in parallel (no block twice in a round, so
+  // no list is touched by two threads).
+  std::vector<Candidate<acc_t>> items(N * span);
+  std::vector<int64_t> sizes(N);
+  std::vector<acc_t> floors(N);
+  for (int64_t b = 0; b < B; ++b) {
+    std::fill(sizes.begin(), sizes.end(), 0);
+    const at::Tensor xb = xn[b];
+    knn_floors<acc_t>(xb, bias_data, span, include_self, floors.data());
+    for (const auto& round : rounds) {
+      at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t)
+          knn_tile<acc_t>(xb, bias_data, N, round[t].first, round[t].second, include_self,
+                          floors.data(), items.data(), sizes.data(), span);
+      });
+    }
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      knn_emit<acc_t>(items.data() + begin * span, end - begin, span, k, dilation,
+                      out_data + (b * N + begin) * k);
+    });
+  }
+}
+
+// Whether n values are all finite, without allocating (isfinite would build an N x N mask).
+template <typename scalar_t>
+bool all_finite(const scalar_t* data, int64_t n) {
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+    bool ok = true;
+    for (int64_t e = begin; e < end; ++e) ok &= std::isfinite(data[e]);
+    if (!ok) finite = false;
+  });
+  return finite;
+}
+
+// Rows scaled to unit L2 norm (zero rows stay zero, as F.normalize); false if x holds a
+// NaN or Inf. One pass, one parallel region.
+template <typename scalar_t>
+bool normalize_rows(const at::Tensor& x, at::Tensor& xn) {
+  const int64_t R = x.size(0) * x.size(1), C = x.size(2);
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  scalar_t* od = xn.data_ptr<scalar_t>();
+  std::atomic<bool> finite{true};
+  at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = xd + r * C;
+      double sum = 0.0;
+      bool ok = true;
+      for (int64_t c = 0; c < C; ++c) {
+        ok &= std::isfinite(row[c]);
+        sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+      }
+      if (!ok) finite = false;
+      const scalar_t norm = static_cast<scalar_t>(std::max(std::sqrt(sum), kCosineEps));
+      for (int64_t c = 0; c < C; ++c) od[r * C + c] = row[c] / norm;
+    }
+  });
+  return finite;
+}
+
+at::Tensor knn_graph_cpu(const at::Tensor& x_in, int64_t k, int64_t dilation,
+                         const std::optional<at::Tensor>& bias_in, bool include_self) {
+  check_knn_graph_args(x_in, k, dilation, bias_in, include_self);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "knn_graph on CPU supports float32 and float64, got ", x_in.scalar_type());
+  const int64_t B = x_in.size(0), N = x_in.size(1);
+  at::Tensor out = at::empty({B, N, k}, x_in.options().dtype(at::kLong));
+  if (B == 0 || N == 0) return out;
+  // Detached: the tiles go through ATen ops, which autograd must not record.
+  const at::Tensor x = x_in.detach().contiguous();
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    bias = bias_in->detach().contiguous();
+  }
+  at::Tensor xn = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "knn_graph_cpu", [&] {
+    TORCH_CHECK(normalize_rows<scalar_t>(x, xn), "knn_graph: x contains NaN or Inf");
+    TORCH_CHECK(!bias.defined() || all_finite(bias.data_ptr<scalar_t>(), bias.numel()),
+                "knn_graph: bias contains NaN or Inf");
+    knn_graph_kernel<scalar_t>(xn, bias, k, dilation, include_self, out);
+  });
+  return out;
+}
+
+// ---- max_relative ------------------------------------------------------------------------
+
+// m = max(m, v) that lets a NaN through, like torch.max: the result is NaN if any value is.
+template <typename scalar_t>
+inline scalar_t nan_max(scalar_t m, scalar_t v) {
+  return (v > m || v != v) ? v : m;
+}
+
+// Whether v replaces the running argmax m: strictly larger, or the first NaN (torch.max).
+template <typename scalar_t>
+inline bool takes_max(scalar_t m, scalar_t v) {
+  return v > m || (v != v && m == m);
+}
+
+template <typename scalar_t>
+void max_relative_forward_kernel(const at::Tensor& x, const at::Tensor& index, at::Tensor& out) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = index.size(2);
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  scalar_t* od = out.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, K * C));
+  at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* base = xd + (r / N) * N * C;
+      const int64_t* nb = idx + r * K;
+      scalar_t* o = od + r * C;
+      std::copy(base + nb[0] * C, base + nb[0] * C + C, o);
+      for (int64_t t = 1; t < K; ++t) {
+        const scalar_t* row = base + nb[t] * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = nan_max(o[c], row[c]);
+      }
+      const scalar_t* own = xd + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] -= own[c];
+    }
+  });
+}
+
+template <typename scalar_t>
+void max_relative_backward_kernel(const at::Tensor& grad, const at::Tensor& x,
+                                  const at::Tensor& index, at::Tensor& grad_x) {
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2), K = index.size(2);
+  // Work items are (batch, channel block): each owns the gradient columns it scatters into.
+  // Whole rows are fastest (contiguous neighbour rows); split channels only to give every
+  // thread work when the batch is small.
+  const int64_t threads = at::get_num_threads();
+  const int64_t wanted_blocks = (2 * threads + B - 1) / B;
+  const int64_t cb = std::max<int64_t>(16, (C + wanted_blocks - 1) / wanted_blocks);
+  const int64_t blocks = (C + cb - 1) / cb;
+  const scalar_t* xd = x.data_ptr<scalar_t>();
+  const scalar_t* gd = grad.data_ptr<scalar_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  scalar_t* gx = grad_x.data_ptr<scalar_t>();
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> best_buf(cb);
+    // Position in the neighbour list, not node id: as wide as a float, so the loop vectorises.
+    std::vector<int32_t> pos_buf(cb);
+    scalar_t* best = best_buf.data();
+    int32_t* pos = pos_buf.data();
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / blocks, c0 = (w % blocks) * cb;
+      const int64_t cw = std::min(cb, C - c0);
+      const scalar_t* xb = xd + b * N * C + c0;
+      scalar_t* gxb = gx + b * N * C + c0;
+      for (int64_t i = 0; i < N; ++i) std::fill(gxb + i * C, gxb + i * C + cw, scalar_t(0));
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t* nb = idx + (b * N + i) * K;
+        // Recompute the argmax: the first neighbour (in index order) holding the maximum.
+        const scalar_t* first = xb + nb[0] * C;
+        for (int64_t c = 0; c < cw; ++c) {
+          best[c] = first[c];
+          pos[c] = 0;
+        }
+        for (int64_t t = 1; t < K; ++t) {
+          const scalar_t* row = xb + nb[t] * C;
+          const int32_t tt = static_cast<int32_t>(t);
+#pragma omp simd
+          for (int64_t c = 0; c < cw; ++c) {
+            const bool take = takes_max(best[c], row[c]);
+            best[c] = take ? row[c] : best[c];
+            pos[c] = take ? tt : pos[c];
+          }
+        }
+        const scalar_t* g = gd + (b * N + i) * C + c0;
+        scalar_t* own = gxb + i * C;
+        for (int64_t c = 0; c < cw; ++c) {
+          gxb[nb[pos[c]] * C + c] += g[c];
+          own[c] -= g[c];
+        }
+      }
+    }
+  });
+}
+
+void check_cpu_float(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              " on CPU supports float32 and float64, got ", t.scalar_type());
+}
+
+at::Tensor max_relative_cpu(const at::Tensor& x_in, const at::Tensor& index_in) {
+  check_max_relative_args(x_in, index_in);
+  check_cpu_float("max_relative", x_in);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor index = index_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_relative_cpu",
+                             [&] { max_relative_forward_kernel<scalar_t>(x, index, out); });
+  return out;
+}
+
+at::Tensor max_relative_backward_cpu(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                     const at::Tensor& index_in) {
+  check_max_relative_args(x_in, index_in);
+  check_cpu_float("max_relative_backward", x_in);
+  TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "max_relative_backward: grad must have x's shape ",
+              x_in.sizes(), ", got ", grad_in.sizes());
+  TORCH_CHECK(index_in.size(2) < std::numeric_limits<int32_t>::max(),
+              "max_relative_backward: too many neighbours per node: ", index_in.size(2));
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor index = index_in.contiguous();
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  at::Tensor grad_x = at::empty_like(x);  // zeroed by the kernel, block by block
+  if (x.numel() == 0) return grad_x;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "max_relative_backward_cpu", [&] {
+    max_relative_backward_kernel<scalar_t>(grad, x, index, grad_x);
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slsg, CPU, m) {
+  m.impl("knn_graph", &knn_graph_cpu);
+  m.impl("max_relative", &max_relative_cpu);
+  m.impl("max_relative_backward", &max_relative_backward_cpu);
+}
+
+}  // namespace slsg

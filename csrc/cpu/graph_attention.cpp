@@ -1,0 +1,532 @@
+// CPU kernels for graph attention: sparse (over K listed neighbours) and dense (over all
+// nodes), forward and backward.
+//
+// Sparse: one pass per node, no gathered [.., K, D] copies. The forward saves only the
+// logsumexp per node; the backward recomputes the K scores from it. The backward is
+// parallel over (batch, head) so each thread owns the key/value gradient rows it scatters
+// into (no atomics, deterministic).
+//
+// Dense: flash-attention on the CPU. Query tiles of kQueryTile rows meet key tiles of
+// kKeyTile rows as GEMMs (BLAS speed), with an online softmax that rescales the partial
+// output when a later tile raises the row maximum; the softmax work is fused row passes
+// over the tile while it is in cache. Extra memory is a few tiles per thread, never an
+// N x N matrix. The backward recomputes the probabilities tile by tile from the saved
+// logsumexp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "../checks.h"
+
+namespace slsg {
+namespace {
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename T>
+inline void axpy(T* y, T alpha, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += alpha * x[d];
+}
+
+void check_cpu_float(const char* op, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+              " on CPU supports float32 and float64, got ", t.scalar_type());
+}
+
+// ---- sparse ------------------------------------------------------------------------------
+
+template <typename scalar_t>
+void sparse_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& index, const at::Tensor& bias, double scale_d,
+                           at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t K = index.size(2);
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const scalar_t* bd = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  scalar_t* od = out.data_ptr<scalar_t>();
+  scalar_t* ld = lse.data_ptr<scalar_t>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * (D + Dv)));
+  at::parallel_for(0, B * H * N, grain, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> s(K);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = r / N, b = bh / H, i = r % N;
+      const scalar_t* qi = qd + r * D;
+      const scalar_t* kb = kd + bh * N * D;
+      const scalar_t* vb = vd + bh * N * Dv;
+      const int64_t* nb = idx + (b * N + i) * K;
+      scalar_t m = -std::numeric_limits<scalar_t>::infinity();
+      for (int64_t t = 0; t < K; ++t) {
+        s[t] = scale * dot(qi, kb + nb[t] * D, D) + (bd ? bd[r * K + t] : scalar_t(0));
+        m = std::max(m, s[t]);
+      }
+      scalar_t* o = od + r * Dv;
+      std::fill(o, o + Dv, scalar_t(0));
+      scalar_t l = 0;
+      for (int64_t t = 0; t < K; ++t) {
+        const scalar_t p = std::exp(s[t] - m);
+        l += p;
+        axpy(o, p, vb + nb[t] * Dv, Dv);
+      }
+      const scalar_t inv = scalar_t(1) / l;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
+      ld[r] = m + std::log(l);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_graph_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& index_in, const std::optional<at::Tensor>& bias_in, double scale) {
+  check_sparse_attention_args(q_in, k_in, v_in, index_in, bias_in);
+  check_cpu_float("sparse_graph_attention", q_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor index = index_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  if (lse.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_graph_attention_cpu", [&] {
+    sparse_forward_kernel<scalar_t>(q, k, v, index, bias, scale, out, lse);
+  });
+  return {out, lse};
+}
+
+template <typename scalar_t>
+void sparse_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& index, const at::Tensor& bias,
+                            const at::Tensor& lse, double scale_d, at::Tensor& gq, at::Tensor& gk,
+                            at::Tensor& gv, at::Tensor& gbias) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t K = index.size(2);
+  const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const scalar_t* god = grad_out.data_ptr<scalar_t>();
+  const scalar_t* qd = q.data_ptr<scalar_t>();
+  const scalar_t* kd = k.data_ptr<scalar_t>();
+  const scalar_t* vd = v.data_ptr<scalar_t>();
+  const int64_t* idx = index.data_ptr<int64_t>();
+  const scalar_t* bd = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* ld = lse.data_ptr<scalar_t>();
+  scalar_t* gqd = gq.data_ptr<scalar_t>();
+  scalar_t* gkd = gk.data_ptr<scalar_t>();
+  scalar_t* gvd = gv.data_ptr<scalar_t>();
+  scalar_t* gbd = gbias.defined() ? gbias.data_ptr<scalar_t>() : nullptr;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> p(K), dp(K);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H;
+      const scalar_t* kb = kd + bh * N * D;
+      const scalar_t* vb = vd + bh * N * Dv;
+      scalar_t* gkb = gkd + bh * N * D;
+      scalar_t* gvb = gvd + bh * N * Dv;
+      std::fill(gqd + bh * N * D, gqd + (bh + 1) * N * D, scalar_t(0));
+      std::fill(gkb, gkb + N * D, scalar_t(0));
+      std::fill(gvb, gvb + N * Dv, scalar_t(0));
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t r = bh * N + i;
+        const scalar_t* qi = qd + r * D;
+        const scalar_t* doi = god + r * Dv;
+        const int64_t* nb = idx + (b * N + i) * K;
+        // p = softmax recomputed from the saved logsumexp; dp = dL/dp; D_i = sum p dp.
+        scalar_t row_dot = 0;
+        for (int64_t t = 0; t < K; ++t) {
+          const scalar_t s = scale * dot(qi, kb + nb[t] * D, D) + (bd ? bd[r * K + t] : scalar_t(0));
+          p[t] = std::exp(s - ld[r]);
+          dp[t] = dot(doi, vb + nb[t] * Dv, Dv);
+          row_dot += p[t] * dp[t];
+        }
+        scalar_t* gqi = gqd + r * D;
+        for (int64_t t = 0; t < K; ++t) {
+          const scalar_t ds = p[t] * (dp[t] - row_dot);  // dL/ds
+          if (gbd) gbd[r * K + t] = ds;
+          const int64_t j = nb[t];
+          axpy(gqi, scale * ds, kb + j * D, D);
+          axpy(gkb + j * D, scale * ds, qi, D);
+          axpy(gvb + j * Dv, p[t], doi, Dv);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_graph_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& index_in, const std::optional<at::Tensor>& bias_in,
+    const at::Tensor& lse_in, double scale, bool bias_grad) {
+  check_sparse_attention_args(q_in, k_in, v_in, index_in, bias_in);
+  check_cpu_float("sparse_graph_attention_backward", q_in);
+  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == q.size(0) &&
+                  grad_out_in.size(1) == q.size(1) && grad_out_in.size(2) == q.size(2) &&
+                  grad_out_in.size(3) == v.size(3),
+              "sparse_graph_attention_backward: grad_out must be [B, H, N, Dv], got ",
+              grad_out_in.sizes());
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q.size(0) && lse_in.size(1) == q.size(1) &&
+                  lse_in.size(2) == q.size(2),
+              "sparse_graph_attention_backward: lse must be [B, H, N], got ", lse_in.sizes());
+  const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
+  const at::Tensor lse = lse_in.to(q.scalar_type()).contiguous();
+  const at::Tensor index = index_in.contiguous();
+  const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
+  // Zeroed by the kernel, slice by slice, inside its one parallel region.
+  at::Tensor gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
+  at::Tensor gbias = bias_grad ? at::empty({q.size(0), q.size(1), q.size(2), index.size(2)}, q.options())
+                               : at::Tensor();
+  if (lse.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_graph_attention_backward_cpu", [&] {
+      sparse_backward_kernel<scalar_t>(grad_out, q, k, v, index, bias, lse, scale, gq, gk, gv, gbias);
+    });
+  }
+  if (!bias_grad) gbias = at::empty({0}, q.options());
+  return {gq, gk, gv, gbias};
+}
+
+// ---- dense -------------------------------------------------------------------------------
+
+// Row passes of the online softmax, fused so each tile row is read once or twice while it
+// sits in L1. float rows use a vectorised exp (Cephes-style: range reduction by ln 2 and a
+// degree-6 polynomial, relative error < 1e-7; 0 below -87, so exp(-inf) = 0). The
+// extension is built without -march flags, so the float row kernels are compiled twice,
+// for AVX2 + FMA and for baseline x86-64, and picked once at run time. double rows
+// (gradcheck) use std::exp.
+//
+// Trapping math (GCC's default) forbids turning the clamps and selects into vector blends;
+// PyTorch itself builds with -fno-trapping-math, so these kernels do too. Only builtins
+// inside the region: a header function compiled with other options would not be inlined.
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+static inline __attribute__((always_inline)) float exp_approx(float x) {
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  const float n = t - 12582912.0f;
+  float r = xc - n * 0.693359375f;  // ln 2 split in two (Cody-Waite): n * hi is exact
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t ni = __builtin_bit_cast(int32_t, t) - 0x4B400000;  // the integer n, from t's bits
+  const float e = p * __builtin_bit_cast(float, (ni + 127) << 23);
+  return x < -87.0f ? 0.0f : e;
+}
+
+// Sum with 8 independent partial sums, a form the compiler vectorises without reassociation.
+static inline __attribute__((always_inline)) float sum_body(const float* s, int64_t n) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += s[j + l];
+  float total = 0.0f;
+  for (; j < n; ++j) total += s[j];
+  for (int l = 0; l < 8; ++l) total += lanes[l];
+  return total;
+}
+
+static inline __attribute__((always_inline)) float row_max_body(const float* s, int64_t n) {
+  float lanes[8];
+  for (int l = 0; l < 8; ++l) lanes[l] = -__builtin_inff();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] = s[j + l] > lanes[l] ? s[j + l] : lanes[l];
+  float m = -__builtin_inff();
+  for (; j < n; ++j) m = s[j] > m ? s[j] : m;
+  for (int l = 0; l < 8; ++l) m = lanes[l] > m ? lanes[l] : m;
+  return m;
+}
+
+static inline __attribute__((always_inline)) float exp_shifted_sum_body(float* __restrict s, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) s[j] = exp_approx(s[j] - shift);
+  return sum_body(s, n);
+}
+
+static inline __attribute__((always_inline)) void softmax_grad_body(float* __restrict dp, const float* __restrict p,
+                                                                    int64_t n, float row_dot) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - row_dot);
+}
+
+#define SLSG_AVX2 __attribute__((target("avx2,fma")))
+SLSG_AVX2 float row_max_avx2(const float* s, int64_t n) { return row_max_body(s, n); }
+SLSG_AVX2 float exp_shifted_sum_avx2(float* s, int64_t n, float shift) { return exp_shifted_sum_body(s, n, shift); }
+SLSG_AVX2 void softmax_grad_avx2(float* dp, const float* p, int64_t n, float d) { softmax_grad_body(dp, p, n, d); }
+float row_max_base(const float* s, int64_t n) { return row_max_body(s, n); }
+float exp_shifted_sum_base(float* s, int64_t n, float shift) { return exp_shifted_sum_body(s, n, shift); }
+void softmax_grad_base(float* dp, const float* p, int64_t n, float d) { softmax_grad_body(dp, p, n, d); }
+#undef SLSG_AVX2
+
+#pragma GCC pop_options
+
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+
+float row_max_f(const float* s, int64_t n) { return kHasAvx2 ? row_max_avx2(s, n) : row_max_base(s, n); }
+float exp_shifted_sum_f(float* s, int64_t n, float shift) {
+  return kHasAvx2 ? exp_shifted_sum_avx2(s, n, shift) : exp_shifted_sum_base(s, n, shift);
+}
+void softmax_grad_f(float* dp, const float* p, int64_t n, float d) {
+  kHasAvx2 ? softmax_grad_avx2(dp, p, n, d) : softmax_grad_base(dp, p, n, d);
+}
+
+// max_j s[j]
+template <typename T>
+T row_max(const T* s, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row_max_f(s, n);
+  } else {
+    T m = -std::numeric_limits<T>::infinity();
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+    return m;
+  }
+}
+
+// s[j] = exp(s[j] - shift); returns the sum.
+template <typename T>
+T exp_shifted_sum(T* s, int64_t n, T shift) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_shifted_sum_f(s, n, shift);
+  } else {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - shift));
+    return sum;
+  }
+}
+
+// dp[j] = p[j] * (dp[j] - row_dot): dL/ds of a softmax row.
+template <typename T>
+void softmax_grad(T* dp, const T* p, int64_t n, T row_dot) {
+  if constexpr (std::is_same_v<T, float>) {
+    softmax_grad_f(dp, p, n, row_dot);
+  } else {
+    for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - row_dot);
+  }
+}
+
+// A shift of 0 for rows whose scores are all -inf, so that exp gives 0, not NaN.
+template <typename T>
+inline T finite_or_zero(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
+// Tile sizes (rows of Q x rows of K): GEMMs large enough for BLAS speed, a score tile of
+// 128-256 KiB per thread. The backward's GEMMs also contract over the query tile
+// (P^T dO, dS^T Q), so it uses taller query tiles.
+constexpr int64_t kQueryTile = 256;
+constexpr int64_t kKeyTile = 512;
+constexpr int64_t kQueryTileB = 256;
+constexpr int64_t kKeyTileB = 512;
+
+// scores = scale * Q K^T (+ bias tile), written into `scores` ([rows, cols], contiguous).
+void tile_scores(at::Tensor& scores, const at::Tensor& Q, const at::Tensor& Kt,
+                 const at::Tensor& bias_tile, double scale) {
+  if (bias_tile.defined()) {
+    at::addmm_out(scores, bias_tile, Q, Kt.t(), 1.0, scale);
+  } else {
+    at::addmm_out(scores, scores, Q, Kt.t(), 0.0, scale);  // beta = 0: old contents ignored
+  }
+}
+
+// A [rows, cols] view of a flat per-thread buffer.
+at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// q, k, v as [B*H, N, D] contiguous, detached (tiles go through ATen ops, which autograd
+// must not record). k is often q itself (shared projections): one copy then.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flat_qkv(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in) {
+  const int64_t BH = q_in.size(0) * q_in.size(1);
+  const at::Tensor q = q_in.detach().contiguous().view({BH, q_in.size(2), q_in.size(3)});
+  const at::Tensor k = k_in.is_same(q_in) ? q : k_in.detach().contiguous().view({BH, k_in.size(2), k_in.size(3)});
+  const at::Tensor v = v_in.is_same(q_in) ? q : v_in.detach().contiguous().view({BH, v_in.size(2), v_in.size(3)});
+  return {q, k, v};
+}
+
+template <typename scalar_t>
+void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& bias, double scale, int64_t H, at::Tensor& out,
+                          at::Tensor& lse) {
+  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
+  const int64_t nqb = (Nq + kQueryTile - 1) / kQueryTile;
+  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor buffer = at::empty({kQueryTile * std::min(kKeyTile, Nk)}, q.options());
+    std::vector<scalar_t> m(kQueryTile), l(kQueryTile), alpha(kQueryTile);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t bh = w / nqb, h = bh % H, q0 = (w % nqb) * kQueryTile;
+      const int64_t rows = std::min(kQueryTile, Nq - q0);
+      const at::Tensor Q = q[bh].narrow(0, q0, rows);
+      at::Tensor O = out[bh].narrow(0, q0, rows);
+      scalar_t* o = O.data_ptr<scalar_t>();
+      for (int64_t k0 = 0; k0 < Nk; k0 += kKeyTile) {
+        const int64_t cols = std::min(kKeyTile, Nk - k0);
+        const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
+        at::Tensor S = tile_view(buffer, rows, cols);
+        tile_scores(S, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
+        scalar_t* sd = S.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+          scalar_t* row = sd + r * cols;
+          const scalar_t m_new = k0 == 0 ? row_max(row, cols) : std::max(m[r], row_max(row, cols));
+          const scalar_t shift = finite_or_zero(m_new);
+          const scalar_t sum = exp_shifted_sum(row, cols, shift);
+          // alpha rescales what earlier tiles summed under the old maximum.
+          alpha[r] = k0 == 0 ? scalar_t(0) : std::exp(m[r] - shift);
+          l[r] = (k0 == 0 ? scalar_t(0) : l[r] * alpha[r]) + sum;
+          m[r] = m_new;
+        }
+        if (k0 == 0) {
+          at::mm_out(O, S, Vt);
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha[r];
+          O.addmm_(S, Vt);
+        }
+      }
+      scalar_t* ld = lse.data_ptr<scalar_t>() + bh * Nq + q0;
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t inv = scalar_t(1) / l[r];
+        for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= inv;
+        ld[r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cpu(const at::Tensor& q_in,
+                                                             const at::Tensor& k_in,
+                                                             const at::Tensor& v_in,
+                                                             const std::optional<at::Tensor>& bias_in,
+                                                             double scale) {
+  check_dense_attention_args(q_in, k_in, v_in, bias_in);
+  check_cpu_float("dense_graph_attention", q_in);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dv = v_in.size(3);
+  const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
+  const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
+  at::Tensor out = at::empty({B * H, Nq, Dv}, q.options());
+  at::Tensor lse = at::empty({B * H, Nq}, q.options());
+  if (B * H * Nq > 0) {
+    AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dense_graph_attention_cpu", [&] {
+      dense_forward_kernel<scalar_t>(q, k, v, bias, scale, H, out, lse);
+    });
+  }
+  return {out.view({B, H, Nq, Dv}), lse.view({B, H, Nq})};
+}
+
+template <typename scalar_t>
+void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
+                           const at::Tensor& lse, double scale, int64_t H, at::Tensor& gq,
+                           at::Tensor& gk, at::Tensor& gv, at::Tensor& gbias) {
+  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
+  const int64_t nqb = (Nq + kQueryTileB - 1) / kQueryTileB;
+  const bool bias_grad = gbias.numel() > 0;
+  // Items (b, h) own their dq, dk, dv; the bias gradient sums over the batch, so the items
+  // of one head share it: one lock per (head, query tile) stripe.
+  std::unique_ptr<std::mutex[]> stripe_locks(new std::mutex[std::max<int64_t>(1, H * nqb)]);
+  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    const int64_t tile = std::min(kQueryTileB, Nq) * std::min(kKeyTileB, Nk);
+    at::Tensor p_buffer = at::empty({tile}, q.options()), dp_buffer = at::empty({tile}, q.options());
+    std::vector<scalar_t> row_dot(Nq);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % H;
+      // This item's gradient slices start at zero; D_i = dO_i . O_i = sum_j P_ij dP_ij is
+      // the softmax backward's row term. Done here rather than by whole-tensor ATen ops:
+      // one parallel region per call.
+      for (at::Tensor* g : {&gq, &gk, &gv}) g->select(0, bh).zero_();
+      const scalar_t* dod = dout.data_ptr<scalar_t>() + bh * Nq * Dv;
+      const scalar_t* od = out.data_ptr<scalar_t>() + bh * Nq * Dv;
+      for (int64_t i = 0; i < Nq; ++i) row_dot[i] = dot(dod + i * Dv, od + i * Dv, Dv);
+      for (int64_t qb = 0; qb < nqb; ++qb) {
+        const int64_t q0 = qb * kQueryTileB, rows = std::min(kQueryTileB, Nq - q0);
+        const at::Tensor Q = q[bh].narrow(0, q0, rows);
+        const at::Tensor dO = dout[bh].narrow(0, q0, rows);
+        const scalar_t* L = lse.data_ptr<scalar_t>() + bh * Nq + q0;
+        const scalar_t* Drow = row_dot.data() + q0;
+        at::Tensor dQ = gq[bh].narrow(0, q0, rows);
+        for (int64_t k0 = 0; k0 < Nk; k0 += kKeyTileB) {
+          const int64_t cols = std::min(kKeyTileB, Nk - k0);
+          const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
+          at::Tensor P = tile_view(p_buffer, rows, cols), dS = tile_view(dp_buffer, rows, cols);
+          tile_scores(P, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
+          scalar_t* pd = P.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(pd + r * cols, cols, finite_or_zero(L[r]));
+          gv[bh].narrow(0, k0, cols).addmm_(P.t(), dO);
+          at::mm_out(dS, dO, Vt.t());  // dP
+          scalar_t* dsd = dS.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < rows; ++r) softmax_grad(dsd + r * cols, pd + r * cols, cols, Drow[r]);
+          dQ.addmm_(dS, Kt, 1.0, scale);
+          gk[bh].narrow(0, k0, cols).addmm_(dS.t(), Q, 1.0, scale);
+          if (bias_grad) {
+            std::lock_guard<std::mutex> guard(stripe_locks[h * nqb + qb]);
+            gbias[h].narrow(0, q0, rows).narrow(1, k0, cols).add_(dS);
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_backward_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& out_in,
+    const at::Tensor& lse_in, double scale, bool bias_grad) {
+  check_dense_attention_args(q_in, k_in, v_in, bias_in);
+  check_cpu_float("dense_graph_attention_backward", q_in);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
+  const int64_t Nk = k_in.size(2), Dv = v_in.size(3);
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Nq, Dv}) &&
+                  out_in.sizes() == grad_out_in.sizes(),
+              "dense_graph_attention_backward: grad_out and out must be [B, H, Nq, Dv], got ",
+              grad_out_in.sizes(), " and ", out_in.sizes());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}),
+              "dense_graph_attention_backward: lse must be [B, H, Nq], got ", lse_in.sizes());
+  const auto dtype = q_in.scalar_type();
+  const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
+  const at::Tensor dout = grad_out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
+  const at::Tensor lse = lse_in.detach().to(dtype).contiguous().view({B * H, Nq});
+  const at::Tensor out = out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
+  const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
+  at::Tensor gq = at::empty({B * H, Nq, D}, q.options()), gk = at::empty({B * H, Nk, D}, q.options());
+  at::Tensor gv = at::empty({B * H, Nk, Dv}, q.options());
+  at::Tensor gbias = bias_grad ? at::zeros({H, Nq, Nk}, q.options()) : at::empty({0}, q.options());
+  if (B * H * Nq * Nk > 0) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "dense_graph_attention_backward_cpu", [&] {
+      dense_backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, scale, H, gq, gk, gv, gbias);
+    });
+  } else {
+    gq.zero_(), gk.zero_(), gv.zero_();
+  }
+  return {gq.view({B, H, Nq, D}), gk.view({B, H, Nk, D}), gv.view({B, H, Nk, Dv}), gbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(slsg, CPU, m) {
+  m.impl("sparse_graph_attention", &sparse_graph_attention_cpu);
+  m.impl("sparse_graph_attention_backward", &sparse_graph_attention_backward_cpu);
+  m.impl("dense_graph_attention", &dense_graph_attention_cpu);
+  m.impl("dense_graph_attention_backward", &dense_graph_attention_backward_cpu);
+}
+
+}  // namespace slsg

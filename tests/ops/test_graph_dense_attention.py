@@ -1,0 +1,195 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slsg import ops
+from slsg.ops import graph_reference
+
+from .graph_helpers import generator, noncontiguous, peak_rss_increase_mib, tolerances
+from .helpers import devices, needs_extension
+
+
+def make_inputs(B, H, Nq, Nk, D, Dv, g, dtype=torch.float64, with_bias=True):
+    q = torch.randn(B, H, Nq, D, generator=g, dtype=dtype)
+    k = torch.randn(B, H, Nk, D, generator=g, dtype=dtype)
+    v = torch.randn(B, H, Nk, Dv, generator=g, dtype=dtype)
+    bias = torch.randn(H, Nq, Nk, generator=g, dtype=dtype) if with_bias else None
+    return q, k, v, bias
+
+
+def grads_of(fn, inputs, grad_out):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)
+
+
+def test_reference_agrees_with_sdpa():
+    g = generator(1)
+    q, k, v, bias = make_inputs(2, 3, 7, 11, 5, 4, g)
+    for b, scale in ((None, None), (bias, None), (bias, 0.3)):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=b, scale=scale)
+        torch.testing.assert_close(graph_reference.dense_graph_attention(q, k, v, b, scale), expected)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    "B,H,Nq,Nk,D,Dv",
+    [(1, 1, 1, 1, 1, 1), (2, 3, 5, 7, 4, 3), (1, 2, 130, 1100, 16, 8), (2, 1, 300, 300, 300, 70), (1, 1, 33, 40, 64, 520)],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matches_reference(device, B, H, Nq, Nk, D, Dv, with_bias, dtype):
+    # Shapes cover several query tiles, several key tiles (Nk > 1024: the online rescaling),
+    # and feature sizes above the CUDA kernels' per-slice width.
+    g = generator(B, H, Nq, Nk, D, Dv)
+    inputs = make_inputs(B, H, Nq, Nk, D, Dv, g, with_bias=with_bias)
+    grad_out = torch.randn(B, H, Nq, Dv, generator=g, dtype=torch.float64)
+    expected, expected_grads = grads_of(graph_reference.dense_graph_attention, inputs, grad_out)
+    cast = [t.to(device, dtype) if t is not None else None for t in inputs]
+    out, out_grads = grads_of(ops.dense_graph_attention, cast, grad_out.to(device, dtype))
+    assert out.shape == (B, H, Nq, Dv) and out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
+    for a, b in zip(out_grads, expected_grads):
+        torch.testing.assert_close(a.double().cpu(), b, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(device, dtype):
+    g = generator(2)
+    inputs = make_inputs(2, 2, 40, 50, 16, 8, g, dtype=torch.float32)
+    expected = graph_reference.dense_graph_attention(*(t.to(dtype).double() for t in inputs))
+    out = ops.dense_graph_attention(*(t.to(device, dtype) for t in inputs))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_scale_and_bias(backend):
+    q = torch.tensor([[[[1.0, 1.0, 1.0, 1.0]]]])
+    k = torch.tensor([[[[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]]])
+    v = torch.tensor([[[[1.0], [0.0]]]])
+    # Default scale 1/sqrt(4): scores 2 and 0.
+    out = ops.dense_graph_attention(q, k, v, backend=backend)
+    torch.testing.assert_close(out.flatten(), torch.tensor([math.exp(2) / (math.exp(2) + 1)]))
+    bias = torch.tensor([[[-2.0, math.log(3.0)]]])
+    out = ops.dense_graph_attention(q, k, v, bias, backend=backend)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.25]))
+    out = ops.dense_graph_attention(q, k, v, scale=0.0, backend=backend)
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_large_scores_do_not_overflow(backend):
+    # The online softmax subtracts the running maximum; exp(1000) would be inf.
+    g = generator(3)
+    q, k, v, _ = make_inputs(1, 1, 20, 1500, 4, 3, g, dtype=torch.float32)
+    bias = torch.zeros(1, 20, 1500)
+    bias[:, :, 1400] = 1000.0  # the winner sits in the second key tile
+    out = ops.dense_graph_attention(q, k, v, bias, backend=backend)
+    torch.testing.assert_close(out[0, 0], v[0, 0, 1400].expand(20, 3))
+
+
+@needs_extension
+def test_noncontiguous_inputs():
+    g = generator(4)
+    q, k, v, bias = make_inputs(2, 2, 20, 30, 6, 5, g, dtype=torch.float32)
+    expected = ops.dense_graph_attention(q, k, v, bias)
+    out = ops.dense_graph_attention(*(noncontiguous(t) for t in (q, k, v, bias)))
+    torch.testing.assert_close(out, expected)
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.testing.assert_close(ops.dense_graph_attention(qt, k, v, bias.transpose(1, 2).contiguous().transpose(1, 2)), expected)
+
+
+def test_empty():
+    assert ops.dense_graph_attention(torch.randn(0, 2, 5, 3), torch.randn(0, 2, 4, 3), torch.randn(0, 2, 4, 2)).shape == (0, 2, 5, 2)
+    assert ops.dense_graph_attention(torch.randn(1, 2, 0, 3), torch.randn(1, 2, 4, 3), torch.randn(1, 2, 4, 2)).shape == (1, 2, 0, 2)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"q": torch.randn(2, 5, 3)}, "q must be 4-D"),
+        ({"k": torch.randn(1, 2, 6, 4)}, "k must be"),
+        ({"v": torch.randn(1, 2, 5, 2)}, "v must be"),
+        ({"k": torch.randn(1, 2, 0, 3), "v": torch.randn(1, 2, 0, 2)}, "no nodes"),
+        ({"q": torch.randn(1, 2, 4, 3).half()}, "dtype mismatch"),
+        ({"bias": torch.randn(2, 4, 5)}, r"bias must be \[H, Nq, Nk\] = \[2, 4, 6\]"),
+        ({"bias": torch.randn(1, 2, 4, 6)}, "bias must be 3-D"),
+        ({"scale": True}, "scale must be a float"),
+    ],
+)
+def test_bad_input_names_the_problem(change, match, backend):
+    args = {"q": torch.randn(1, 2, 4, 3), "k": torch.randn(1, 2, 6, 3), "v": torch.randn(1, 2, 6, 2), "bias": None, "scale": None}
+    args.update(change)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        ops.dense_graph_attention(**args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_gradcheck_float64(backend):
+    g = generator(5)
+    leaves = [t.requires_grad_() for t in make_inputs(2, 2, 5, 6, 3, 4, g)]
+    fn = lambda a, b, c, d: ops.dense_graph_attention(a, b, c, d, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+    fn = lambda b, c: ops.dense_graph_attention(leaves[0].detach(), b, c, scale=1.7, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (leaves[1], leaves[2]))
+
+
+@needs_extension
+def test_bias_gradient_sums_over_the_batch():
+    g = generator(6)
+    q, k, v, bias = make_inputs(3, 2, 9, 8, 4, 3, g, dtype=torch.float32)
+    bias.requires_grad_()
+    ops.dense_graph_attention(q, k, v, bias).sum().backward()
+    expected = sum(torch.autograd.grad(graph_reference.dense_graph_attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], bias).sum(), bias)[0] for i in range(3))
+    torch.testing.assert_close(bias.grad, expected, atol=1e-5, rtol=1e-4)
+
+
+@needs_extension
+def test_opcheck():
+    g = generator(7)
+    q, k, v, bias = make_inputs(2, 2, 9, 7, 4, 3, g, dtype=torch.float32)
+    op = torch.ops.slsg.dense_graph_attention.default
+    torch.library.opcheck(op, (q, k, v, bias, 0.5))
+    torch.library.opcheck(op, (q, k, v, None, 0.5))
+    torch.library.opcheck(op, tuple(t.double().requires_grad_() for t in (q, k, v, bias)) + (0.5,))
+    out, lse = op(q, k, v, bias, 0.5)
+    backward = torch.ops.slsg.dense_graph_attention_backward.default
+    for bias_grad in (True, False):
+        torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, bias, out, lse, 0.5, bias_grad))
+
+
+@needs_extension
+def test_torch_compile_fullgraph_forward_and_backward():
+    def loss(q, k, v, bias):
+        return ops.dense_graph_attention(q, k, v, bias).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    g = generator(8)
+    inputs = make_inputs(2, 2, 12, 10, 4, 3, g, dtype=torch.float32)
+    results = []
+    for fn in (compiled, loss):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        value = fn(*leaves)
+        value.backward()
+        results.append([value.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@needs_extension
+def test_memory_is_bounded_at_4096_nodes():
+    # One [B, H, N, N] score matrix in float32 would be 128 MiB; the kernels keep tiles.
+    grew = peak_rss_increase_mib(
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k, v = (torch.randn(2, 1, 4096, 16, generator=g, requires_grad=True) for _ in range(3))\n"
+        "bias = torch.randn(1, 4096, 4096, generator=g) * 0.1\n"
+        "slsg.ops.dense_graph_attention(q[:, :, :300], k, v, bias[:, :300]).sum().backward()  # warm-up\n"
+        "# measure\n"
+        "slsg.ops.dense_graph_attention(q, k, v, bias).sum().backward()\n"
+    )
+    assert grew < 48, f"dense_graph_attention peak memory grew by {grew:.0f} MiB"
