@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,32 +24,8 @@ from slsg.nn import SelfAttentiveGraphConv
 from slsg.ops import graph_reference
 
 ROOT = Path(__file__).resolve().parents[1]
-rows: list[tuple[str, str, str]] = []
-
-
-def timed(fn, repeat: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def peak_extra(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def check(name: str, ok: bool, detail: str = "") -> None:
-    rows.append((name, "PASS" if ok else "FAIL", detail))
+# Shared with the scoring check (run as scripts, benchmarks/ is on sys.path): one table.
+from gpu_check import check, peak_extra, rows, timed  # noqa: E402
 
 
 def run_tests() -> None:
