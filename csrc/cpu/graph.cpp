@@ -118,33 +118,46 @@ std::vector<std::vector<std::pair<int64_t, int64_t>>> tile_rounds(int64_t nb) {
   return rounds;
 }
 
+// Per-thread buffers of knn_tile, allocated once per task rather than once per tile.
+template <typename acc_t>
+struct TileBuffers {
+  at::Tensor tile, tile_t;                 // flat, kKnnTile^2 each
+  std::vector<Candidate<acc_t>> scratch;  // kKnnTile + 2 * span
+  TileBuffers(const at::TensorOptions& options, int64_t span)
+      : tile(at::empty({kKnnTile * kKnnTile}, options)),
+        tile_t(at::empty({kKnnTile * kKnnTile}, options)),
+        scratch(kKnnTile + 2 * span) {}
+};
+
 // Offers the dot products of tile (I, J) of one batch item to the nodes' lists: rows of
 // block I see the nodes of block J and, when I != J, rows of block J see those of block I
 // (the same products, transposed).
 template <typename acc_t>
 void knn_tile(const at::Tensor& xb, const acc_t* bias, int64_t N, int64_t I, int64_t J,
               bool include_self, const acc_t* floors, Candidate<acc_t>* items, int64_t* sizes,
-              int64_t span) {
+              int64_t span, TileBuffers<acc_t>& buffers) {
   const int64_t i0 = I * kKnnTile, j0 = J * kKnnTile;
   const int64_t ti = std::min(kKnnTile, N - i0), tj = std::min(kKnnTile, N - j0);
-  const at::Tensor tile = at::mm(xb.narrow(0, i0, ti), xb.narrow(0, j0, tj).t());
+  at::Tensor tile = buffers.tile.narrow(0, 0, ti * tj).view({ti, tj});
+  at::mm_out(tile, xb.narrow(0, i0, ti), xb.narrow(0, j0, tj).t());
   const acc_t* S = tile.data_ptr<acc_t>();
-  std::vector<Candidate<acc_t>> scratch(std::max(ti, tj) + span);
+  Candidate<acc_t>* scratch = buffers.scratch.data();
   for (int64_t r = 0; r < ti; ++r) {
     const int64_t i = i0 + r;
     sizes[i] = offer_candidates<acc_t>(items + i * span, sizes[i], span, S + r * tj,
                                        bias ? bias + i * N + j0 : nullptr, j0, tj,
-                                       include_self ? -1 : i, floors[i], scratch.data());
+                                       include_self ? -1 : i, floors[i], scratch);
   }
   if (I == J) return;
   // The transposed copy (a blocked ATen transpose) keeps the column pass contiguous.
-  const at::Tensor tile_t = tile.t().contiguous();
+  at::Tensor tile_t = buffers.tile_t.narrow(0, 0, ti * tj).view({tj, ti});
+  tile_t.copy_(tile.t());
   const acc_t* St = tile_t.data_ptr<acc_t>();
   for (int64_t c = 0; c < tj; ++c) {
     const int64_t j = j0 + c;
     sizes[j] = offer_candidates<acc_t>(items + j * span, sizes[j], span, St + c * ti,
                                        bias ? bias + j * N + i0 : nullptr, i0, ti, -1, floors[j],
-                                       scratch.data());
+                                       scratch);
   }
 }
 
@@ -204,6 +217,7 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
       std::vector<Candidate<acc_t>> items(N * span);
       std::vector<int64_t> sizes(N);
       std::vector<acc_t> floors(N);
+      TileBuffers<acc_t> buffers(xn.options(), span);
       for (int64_t b = begin; b < end; ++b) {
         std::fill(sizes.begin(), sizes.end(), 0);
         const at::Tensor xb = xn[b];
@@ -211,7 +225,7 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
         for (const auto& round : rounds)
           for (const auto& [I, J] : round)
             knn_tile<acc_t>(xb, bias_data, N, I, J, include_self, floors.data(), items.data(),
-                            sizes.data(), span);
+                            sizes.data(), span, buffers);
         knn_emit<acc_t>(items.data(), N, span, k, dilation, out_data + b * N * k);
       }
     });
@@ -228,9 +242,10 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
     knn_floors<acc_t>(xb, bias_data, span, include_self, floors.data());
     for (const auto& round : rounds) {
       at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
+        TileBuffers<acc_t> buffers(xn.options(), span);
         for (int64_t t = begin; t < end; ++t)
           knn_tile<acc_t>(xb, bias_data, N, round[t].first, round[t].second, include_self,
-                          floors.data(), items.data(), sizes.data(), span);
+                          floors.data(), items.data(), sizes.data(), span, buffers);
       });
     }
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {

@@ -280,7 +280,11 @@ void softmax_grad_base(float* dp, const float* p, int64_t n, float d) { softmax_
 
 #pragma GCC pop_options
 
-const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+// __builtin_cpu_init: this runs as a static initializer, possibly before libgcc's own.
+const bool kHasAvx2 = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}();
 
 float row_max_f(const float* s, int64_t n) { return kHasAvx2 ? row_max_avx2(s, n) : row_max_base(s, n); }
 float exp_shifted_sum_f(float* s, int64_t n, float shift) {
