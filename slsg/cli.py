@@ -70,7 +70,7 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     from slsg.report import write_report
 
     size = detector.config.image_size
-    test = open_dataset(data, "test", image_size=size, **kwargs)
+    test = open_dataset(data, "test", image_size=detector.dataset_image_size, **kwargs)
     ev = evaluate(detector, test, batch_size=args.batch_size, num_workers=args.workers,
                   progress=not args.quiet)
     timings = {"fit_seconds": fit_seconds,
@@ -120,9 +120,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     weights = None if args.weights == "none" else args.weights
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
                               coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
-                              num_workers=args.workers, embed_dim=args.embed_dim)
-    train = open_dataset(data, "train", image_size=config.image_size, **kwargs)
+                              num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize)
     detector = MemoryBankDetector(config, progress=not args.quiet)
+    train = open_dataset(data, "train", image_size=detector.dataset_image_size, **kwargs)
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
@@ -183,7 +183,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     detector = load_detector(args.model)
     paths = _expand_images(args.images)
-    size = detector.config.image_size
+    size = detector.dataset_image_size
     out = Path(args.out) if args.out else None
     threshold = detector.image_threshold
     records: list[dict[str, Any]] = []
@@ -191,8 +191,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
         originals = [load_image(p) for p in chunk]
-        images = torch.stack([resize_image(im, size) for im in originals])
-        scores, maps = detector.predict(images)
+        scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
         for path, original, score, amap in zip(chunk, originals, scores.tolist(), maps):
             verdict = None if threshold is None else bool(score >= threshold)
             records.append({"path": str(path), "score": score, "anomalous": verdict})
@@ -263,7 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True, help="run folder for the model, metrics.json and the report")
     fit.add_argument("--backbone", default="efficientnet_lite0", choices=available())
     fit.add_argument("--weights", default="imagenet", help="'imagenet', a state-dict file, or 'none'")
-    fit.add_argument("--image-size", type=_positive_int, default=256)
+    fit.add_argument("--image-size", type=_positive_int, default=256,
+                     help="model input size: the training images' median shorter side is scaled to it "
+                          "(with --resize square, images become SIZE x SIZE)")
+    fit.add_argument("--resize", choices=["keep_aspect", "square"], default="keep_aspect",
+                     help="keep_aspect: one scale for all images, aspect ratio kept (default); "
+                          "square: every image squashed to SIZE x SIZE")
     fit.add_argument("--coreset-ratio", type=_ratio, default=0.01,
                      help="share of training patches kept in the memory bank (default 0.01)")
     fit.add_argument("--embed-dim", type=_positive_int, default=None)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from slsg.utils import atomic_write_text
 
@@ -113,6 +114,49 @@ def check_image_batch(images: Any) -> torch.Tensor:
     return images
 
 
+def collate_images(images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """Images [3, H_i, W_i] -> one batch [B, 3, H, W] when all sizes agree, else the list itself
+    (datasets opened with image_size=None keep each image's own size)."""
+    if not all(isinstance(x, torch.Tensor) for x in images):
+        raise TypeError("dataset items must be tensors or dicts with an 'image' tensor")
+    if len({tuple(x.shape) for x in images}) == 1:
+        return torch.stack(images)
+    return list(images)
+
+
+def dataset_method(dataset, method: str, index: int | None = None):
+    """Call ``dataset.<method>(index)``, looking through torch Subsets; None if the dataset lacks it.
+
+    With index None only tells whether the method exists (returns True or None).
+    """
+    while isinstance(dataset, Subset):
+        if index is not None:
+            index = dataset.indices[index]
+        dataset = dataset.dataset
+    if not hasattr(dataset, method):
+        return None
+    return True if index is None else getattr(dataset, method)(int(index))
+
+
+def image_sizes(dataset) -> list[tuple[int, int]]:
+    """(H, W) of every image tensor ``dataset`` yields, read from file headers where possible."""
+    base = dataset
+    while isinstance(base, Subset):
+        base = base.dataset
+    fixed = getattr(base, "image_size", None)
+    if fixed is not None:
+        size = (fixed, fixed) if isinstance(fixed, int) else tuple(fixed)
+        return [size] * len(dataset)
+    if dataset_method(dataset, "original_size") is not None:
+        return [tuple(dataset_method(dataset, "original_size", i)) for i in range(len(dataset))]
+    sizes = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        image = item["image"] if isinstance(item, dict) else item
+        sizes.append(tuple(image.shape[-2:]))
+    return sizes
+
+
 class Detector(ABC):
     """Base class: subclasses implement fit/predict and the weight (de)serialisation hooks."""
 
@@ -133,6 +177,28 @@ class Detector(ABC):
     @abstractmethod
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [B] and anomaly maps [B, H, W] for images [B, 3, H, W] in [0, 1]; higher = more anomalous."""
+
+    @property
+    def dataset_image_size(self) -> int | None:
+        """The ``image_size`` to open datasets with: an int when the model takes square images of
+        that size, None when it wants each image at its own size and resizes it itself."""
+        return None
+
+    def predict_each(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``predict`` for images [3, H_i, W_i] of possibly different sizes: one call per run of
+        equal sizes. Returns scores [B] and one map [H_i, W_i] per image."""
+        scores: list[torch.Tensor] = []
+        maps: list[torch.Tensor] = []
+        start = 0
+        while start < len(images):
+            end = start + 1
+            while end < len(images) and images[end].shape == images[start].shape:
+                end += 1
+            group_scores, group_maps = self.predict(torch.stack(images[start:end]))
+            scores.append(group_scores)
+            maps.extend(group_maps)
+            start = end
+        return torch.cat(scores), maps
 
     @property
     def is_fitted(self) -> bool:

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from slsg import metrics as M
-from slsg.detectors.base import Detector
+from slsg.detectors.base import Detector, collate_images, dataset_method
 
 
 @dataclass
@@ -43,7 +43,7 @@ class Evaluation:
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"image": torch.stack([item["image"] for item in items]),
+    return {"image": collate_images([item["image"] for item in items]),
             "path": [item["path"] for item in items], "label": [int(item["label"]) for item in items],
             "defect_type": [item.get("defect_type", "") for item in items],
             "kind": [item.get("kind", "good" if not item["label"] else "structural") for item in items]}
@@ -63,11 +63,15 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
     index = 0
     for batch in tqdm(loader, desc="test", unit="batch", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        batch_scores, batch_maps = detector.predict(batch["image"])
+        images = batch["image"]
+        if isinstance(images, list):
+            batch_scores, batch_maps = detector.predict_each(images)
+        else:
+            batch_scores, batch_maps = detector.predict(images)
         predict_seconds += time.perf_counter() - t0
         for j in range(len(batch_scores)):
-            mask = _per_image(dataset, "full_mask", index)
-            size = mask.shape if mask is not None else tuple(batch_maps.shape[-2:])
+            mask = dataset_method(dataset, "full_mask", index)
+            size = mask.shape if mask is not None else tuple(batch_maps[j].shape[-2:])
             maps.append(resize_map(batch_maps[j], size))
             masks.append(mask if mask is not None else np.zeros(size, dtype=bool))
             index += 1
@@ -77,28 +81,14 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
         defect_types += batch["defect_type"]
         kinds += batch["kind"]
     region_masks = None
-    if _per_image(dataset, "region_masks", None) is not None:
-        region_masks = [_per_image(dataset, "region_masks", i) for i in range(len(dataset))]
+    if dataset_method(dataset, "region_masks", None) is not None:
+        region_masks = [dataset_method(dataset, "region_masks", i) for i in range(len(dataset))]
     result = Evaluation(np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64), maps, masks,
                         paths, defect_types, kinds, predict_seconds, time.perf_counter() - start,
                         threshold=detector.image_threshold, region_masks=region_masks)
     if compute:
         result.metrics = compute_metrics(result)
     return result
-
-
-def _per_image(dataset, method: str, index: int | None):
-    """Call ``dataset.<method>(index)``, looking through torch Subsets; None if the dataset lacks it.
-
-    With index None only tells whether the method exists (returns True or None).
-    """
-    while isinstance(dataset, Subset):
-        if index is not None:
-            index = dataset.indices[index]
-        dataset = dataset.dataset
-    if not hasattr(dataset, method):
-        return None
-    return True if index is None else getattr(dataset, method)(int(index))
 
 
 def resize_map(amap: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

@@ -12,6 +12,12 @@ Design choices, and why:
   gives a 32x32 grid at 256 px; the stride-16 features add context.
 - 3x3 average pooling of each map before concatenation ("locally aware" patches): each patch then
   describes its neighbourhood, which makes the nearest-neighbour distance robust to small shifts.
+- Images keep their aspect ratio (``resize="keep_aspect"``): one scale factor, fixed at fit so
+  that the training images' median shorter side becomes ``image_size``, resizes every image.
+  Nearest-neighbour distances compare local texture, so every patch must be seen at the same
+  scale; squashing images of varied aspect ratio to a square (``resize="square"``, the usual
+  PatchCore input) stretches each one differently. For a dataset of equal square images both
+  modes give the same input.
 - Threshold from normal images only: a seeded share of the training images (``calibration_ratio``)
   is held out of the memory bank; their image scores against the bank estimate the score
   distribution of unseen normal images, and ``threshold_quantile`` of it becomes the threshold.
@@ -31,10 +37,14 @@ from tqdm.auto import tqdm
 
 from slsg import ops
 from slsg.backbones import Backbone, create
-from slsg.detectors.base import Detector, ModelError, check_image_batch, gaussian_smooth, register
+from slsg.detectors.base import (Detector, ModelError, check_image_batch, collate_images, gaussian_smooth,
+                                 image_sizes, register)
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
 from slsg.utils import atomic_path
+
+
+RESIZE_MODES = ("keep_aspect", "square")
 
 
 @dataclass
@@ -43,6 +53,7 @@ class MemoryBankConfig:
     weights: str | None = "imagenet"  # "imagenet", a state-dict path, or None (random: tests only)
     strides: tuple[int, ...] = (8, 16)  # backbone stages whose features form the patch embedding
     image_size: int = 256
+    resize: str = "keep_aspect"  # "keep_aspect" (one scale for all images) or "square" (S x S)
     pool_size: int = 3  # neighbourhood aggregated into each patch embedding
     embed_dim: int | None = None  # adaptive average pooling of the concatenated channels; None keeps all
     # Share of training patches kept in the memory bank (None keeps all). 1%: PatchCore's paper finds
@@ -50,7 +61,7 @@ class MemoryBankConfig:
     # costs O(N * kept), so 10% would not fit a CPU budget of minutes for ~200 images.
     coreset_ratio: float | None = 0.01
     seed: int = 0
-    sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the image_size map
+    sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the model's input
     score_topk: int = 1  # image score = mean of the top-k map values
     calibration_ratio: float = 0.1  # share of training images held out to set the threshold
     threshold_quantile: float = 0.99
@@ -64,6 +75,8 @@ class MemoryBankConfig:
         if self.image_size < 32 or self.image_size % max(self.strides):
             raise ValueError(f"image_size must be a multiple of {max(self.strides)} and at least 32, "
                              f"got {self.image_size}")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.coreset_ratio is not None and not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must lie in (0, 1] or be None, got {self.coreset_ratio}")
         if not 0.0 <= self.calibration_ratio < 1.0:
@@ -104,7 +117,7 @@ class MemoryBankDetector(Detector):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings [B, h, w, D] of images [B, 3, image_size, image_size]."""
+        """Patch embeddings [B, h, w, D] of images [B, 3, H, W] already at the model's input size."""
         cfg = self.config
         images = images.to(self.device).contiguous(memory_format=torch.channels_last)
         feats = self._inference_backbone()(images, strides=cfg.strides)
@@ -123,12 +136,33 @@ class MemoryBankDetector(Detector):
             x = F.adaptive_avg_pool1d(x.reshape(-1, 1, c), cfg.embed_dim).reshape(b, h, w, cfg.embed_dim)
         return x.contiguous()
 
+    @property
+    def dataset_image_size(self) -> int | None:
+        return self.config.image_size if self.config.resize == "square" else None
+
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of ``height`` x ``width`` pixels is resized to before the backbone."""
+        cfg = self.config
+        if cfg.resize == "square":
+            return cfg.image_size, cfg.image_size
+        scale = self.fit_info.get("input_scale")
+        if scale is None:
+            raise RuntimeError("the detector is not fitted: its input scale is set by fit(dataset)")
+        multiple = max(cfg.strides)  # every stage then has a whole number of cells
+        return tuple(max(2 * multiple, round(side * scale / multiple) * multiple) for side in (height, width))
+
+    def _input_scale(self, dataset: Dataset) -> float | None:
+        if self.config.resize == "square":
+            return None
+        shorter = sorted(min(h, w) for h, w in image_sizes(dataset))
+        return self.config.image_size / shorter[len(shorter) // 2]
+
     def _resize_input(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.config.image_size
-        if images.shape[-2:] == (size, size):
+        size = self.input_size(*images.shape[-2:])
+        if images.shape[-2:] == size:
             return images
-        shrinking = images.shape[-2] > size or images.shape[-1] > size
-        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+        shrinking = images.shape[-2] > size[0] or images.shape[-1] > size[1]
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False,
                              antialias=shrinking).clamp_(0, 1)
 
     # ------------------------------------------------------------------ fit
@@ -142,6 +176,7 @@ class MemoryBankDetector(Detector):
         order = torch.randperm(n, generator=generator).tolist()
         n_cal = min(n - 1, max(1, round(cfg.calibration_ratio * n))) if cfg.calibration_ratio > 0 else 0
         cal_index, bank_index = sorted(order[:n_cal]), sorted(order[n_cal:])
+        self.fit_info = {"input_scale": self._input_scale(dataset)}
 
         features = self._collect_features(Subset(dataset, bank_index))
         feature_seconds = time.perf_counter() - start
@@ -153,10 +188,11 @@ class MemoryBankDetector(Detector):
         cal_scores: list[float] = []
         if cal_index:
             for images in self._batches(Subset(dataset, cal_index), "calibration"):
-                scores, _ = self.predict(images)
+                scores, _ = self.predict_each(images) if isinstance(images, list) else self.predict(images)
                 cal_scores += scores.tolist()
             self.image_threshold = threshold_from_normal(cal_scores, cfg.threshold_quantile)
         self.fit_info = {
+            "input_scale": self.fit_info["input_scale"],
             "train_images": len(bank_index),
             "calibration_images": len(cal_index),
             "calibration_indices": cal_index,
@@ -175,19 +211,28 @@ class MemoryBankDetector(Detector):
         yield from tqdm(loader, desc=what, unit="batch", disable=not self.progress, leave=False)
 
     def _collect_features(self, dataset: Dataset) -> torch.Tensor:
-        """All patch embeddings of ``dataset`` as [N * h * w, D], filled into one preallocated tensor
+        """All patch embeddings of ``dataset`` as [patches, D], filled into one preallocated tensor
         (concatenating per-batch pieces would briefly need twice the memory)."""
+        cell = min(self.config.strides)
+        if self.config.resize == "square":
+            patches = len(dataset) * (self.config.image_size // cell) ** 2
+        else:
+            patches = sum((h // cell) * (w // cell) for h, w in (self.input_size(*s) for s in image_sizes(dataset)))
         features: torch.Tensor | None = None
         row = 0
-        for images in self._batches(dataset, "features"):
-            emb = self.embed(self._resize_input(check_image_batch(images)))
-            emb = emb.reshape(-1, emb.shape[-1]).cpu()
-            if features is None:
-                per_image = emb.shape[0] // len(images)
-                features = torch.empty(len(dataset) * per_image, emb.shape[1], dtype=emb.dtype)
-            features[row:row + emb.shape[0]] = emb
-            row += emb.shape[0]
-        assert features is not None and row == features.shape[0]
+        for batch in self._batches(dataset, "features"):
+            for images in ([x[None] for x in batch] if isinstance(batch, list) else [batch]):
+                emb = self.embed(self._resize_input(check_image_batch(images)))
+                emb = emb.reshape(-1, emb.shape[-1]).cpu()
+                if features is None:
+                    features = torch.empty(patches, emb.shape[1], dtype=emb.dtype)
+                if row + emb.shape[0] > patches:
+                    raise RuntimeError("the dataset's images are larger than its reported sizes")
+                features[row:row + emb.shape[0]] = emb
+                row += emb.shape[0]
+        assert features is not None
+        if row != patches:
+            raise RuntimeError(f"expected {patches} patch embeddings from the dataset's image sizes, got {row}")
         return features
 
     # ------------------------------------------------------------------ predict
@@ -205,8 +250,9 @@ class MemoryBankDetector(Detector):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = check_image_batch(images)
         out_size = images.shape[-2:]
-        dist = self.patch_distances(self._resize_input(images))
-        maps = F.interpolate(dist[:, None].float(), size=(self.config.image_size,) * 2, mode="bilinear",
+        resized = self._resize_input(images)
+        dist = self.patch_distances(resized)
+        maps = F.interpolate(dist[:, None].float(), size=resized.shape[-2:], mode="bilinear",
                              align_corners=False)
         maps = gaussian_smooth(maps, self.config.sigma)
         if maps.shape[-2:] != out_size:
@@ -238,6 +284,8 @@ class MemoryBankDetector(Detector):
             backbone.load_state_dict(state)
         except Exception as exc:
             raise ModelError(f"cannot load backbone weights {path}: {exc}") from exc
+        if cfg.resize == "keep_aspect" and not self.fit_info.get("input_scale"):
+            raise ModelError(f"{directory}: fit_info has no input_scale, which resize='keep_aspect' needs")
         self.backbone = backbone.to(self.device)
         self._fast_backbone = None
         self.bank = MemoryBank.load(directory / files["bank"])
@@ -250,12 +298,7 @@ class MemoryBankDetector(Detector):
         return self
 
 
-def _collate_images(items: list[Any]) -> torch.Tensor:
-    """Dataset items (dicts with "image", or bare tensors) -> a float batch [B, 3, H, W]."""
-    images = [item["image"] if isinstance(item, dict) else item for item in items]
-    if not all(isinstance(x, torch.Tensor) for x in images):
-        raise TypeError("dataset items must be tensors or dicts with an 'image' tensor")
-    shapes = {tuple(x.shape) for x in images}
-    if len(shapes) > 1:
-        raise ValueError(f"images of one batch differ in shape: {sorted(shapes)}; give the dataset an image_size")
-    return torch.stack(images)
+def _collate_images(items: list[Any]) -> torch.Tensor | list[torch.Tensor]:
+    """Dataset items (dicts with "image", or bare tensors) -> a batch [B, 3, H, W], or a list of
+    images [3, H_i, W_i] when their sizes differ."""
+    return collate_images([item["image"] if isinstance(item, dict) else item for item in items])

@@ -176,3 +176,98 @@ def test_gaussian_smooth_matches_scipy():
     expected = np.stack([ndimage.gaussian_filter(m[0].numpy(), sigma=4, mode="mirror", truncate=4.0)
                          for m in maps])
     torch.testing.assert_close(gaussian_smooth(maps, 4.0)[:, 0], torch.from_numpy(expected))
+
+
+def stripes(seed: int, height: int, width: int, period: int = 8) -> torch.Tensor:
+    """Vertical stripes of a fixed period in pixels, whatever the image size: a texture whose scale
+    must not change with the image's aspect ratio."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.arange(width, dtype=torch.float32)
+    row = 0.5 + 0.3 * torch.sin(2 * torch.pi * x / period)
+    image = row.expand(3, height, width).clone()
+    return (image + 0.02 * torch.randn(image.shape, generator=g)).clamp(0, 1)
+
+
+MIXED_SIZES = [(64, 64), (64, 128), (48, 96), (64, 32), (96, 64), (64, 80)]
+
+
+def test_keep_aspect_resizes_every_image_by_one_scale():
+    images = [stripes(i, h, w) for i, (h, w) in enumerate(MIXED_SIZES)]
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.0, batch_size=4, weights=None)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset(images))
+    shorter = sorted(min(s) for s in MIXED_SIZES)  # 32, 48, 64, 64, 64, 64: median (upper) 64
+    assert detector.fit_info["input_scale"] == pytest.approx(SIZE / shorter[len(shorter) // 2])
+    assert detector.dataset_image_size is None
+    # scale 1 here: sizes are kept, rounded to the largest stride (16)
+    assert detector.input_size(64, 128) == (64, 128) and detector.input_size(50, 70) == (48, 64)
+    assert detector.input_size(4, 4) == (32, 32)  # never below two cells of the largest stride
+    # every patch of every image is in the bank: no image was squashed to SIZE x SIZE
+    assert detector.fit_info["bank_size"] == sum(h // 8 * w // 8 for h, w in MIXED_SIZES)
+
+
+def test_keep_aspect_scale_follows_training_images():
+    images = [stripes(i, 2 * h, 2 * w) for i, (h, w) in enumerate(MIXED_SIZES)]
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=0.5, calibration_ratio=0.0, weights=None)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset(images))
+    assert detector.fit_info["input_scale"] == pytest.approx(0.5)
+    assert detector.input_size(128, 256) == (64, 128)
+    scores, maps = detector.predict(stripes(50, 128, 256)[None])
+    assert maps.shape == (1, 128, 256)  # maps come back at the size of the input image
+
+
+def test_stripes_of_other_aspect_ratios_look_normal_only_with_keep_aspect():
+    """The reason for keep_aspect: squashing a wide image compresses its texture, which the
+    memory bank then flags although nothing is wrong."""
+    train = [stripes(i, 64, 64) for i in range(6)]
+    wide = stripes(99, 64, 192)  # the same texture, three times wider
+    scores = {}
+    for resize in ("keep_aspect", "square"):
+        config = MemoryBankConfig(image_size=SIZE, resize=resize, coreset_ratio=None, calibration_ratio=0.0,
+                                  weights=None, seed=0)
+        detector = MemoryBankDetector(config, progress=False).fit(ListDataset(train))
+        normal_score = detector.predict(stripes(98, 64, 64)[None])[0]
+        scores[resize] = float(detector.predict(wide[None])[0] / normal_score)
+    assert scores["keep_aspect"] < 1.5 < scores["square"], scores
+
+
+def test_square_and_keep_aspect_agree_on_equal_square_images():
+    train = ListDataset([normal_image(i) for i in range(6)])
+    test = torch.stack([normal_image(50), with_defect(normal_image(51))[0]])
+    results = []
+    for resize in ("keep_aspect", "square"):
+        config = MemoryBankConfig(image_size=SIZE, resize=resize, coreset_ratio=0.5, calibration_ratio=0.2)
+        detector = MemoryBankDetector(config, progress=False).fit(train)
+        results.append(detector.predict(test))
+        assert detector.input_size(SIZE, SIZE) == (SIZE, SIZE)
+    torch.testing.assert_close(results[0], results[1])
+    assert MemoryBankDetector(MemoryBankConfig(image_size=SIZE, resize="square")).dataset_image_size == SIZE
+
+
+def test_predict_each_and_evaluate_take_images_of_mixed_sizes():
+    from slsg.detectors.evaluation import evaluate
+
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.0, weights=None)
+    detector = MemoryBankDetector(config, progress=False).fit(
+        ListDataset([stripes(i, h, w) for i, (h, w) in enumerate(MIXED_SIZES)]))
+    images = [stripes(60, 64, 64), stripes(61, 64, 64), stripes(62, 48, 96), stripes(63, 64, 64)]
+    scores, maps = detector.predict_each(images)
+    assert [tuple(m.shape) for m in maps] == [(64, 64), (64, 64), (48, 96), (64, 64)]
+    for image, score, amap in zip(images, scores, maps):
+        s, m = detector.predict(image[None])
+        torch.testing.assert_close(score, s[0])
+        torch.testing.assert_close(amap, m[0])
+    ev = evaluate(detector, ListDataset(images), batch_size=3, progress=False, compute=False)
+    np.testing.assert_allclose(ev.scores, scores.double().numpy(), rtol=1e-6)
+    assert [m.shape for m in ev.maps] == [(64, 64), (64, 64), (48, 96), (64, 64)]
+
+
+def test_keep_aspect_model_without_input_scale_is_rejected(tmp_path):
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.0, weights=None)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset([normal_image(0), normal_image(1)]))
+    detector.save(tmp_path)
+    meta = json.loads((tmp_path / "detector.json").read_text())
+    assert load_detector(tmp_path).input_size(SIZE, 2 * SIZE) == (SIZE, 2 * SIZE)
+    del meta["fit_info"]["input_scale"]
+    (tmp_path / "detector.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="input_scale"):
+        load_detector(tmp_path)

@@ -48,11 +48,3 @@ def peak_rss_increase_mib(code: str) -> float:
     assert out.returncode == 0, out.stderr[-3000:]
     line = [row for row in out.stdout.splitlines() if row.startswith("RESULT")][-1]
     return float(line.split()[1])
-
-
-def noncontiguous(t: torch.Tensor) -> torch.Tensor:
-    """Same values, non-contiguous layout, for tensors of any rank (every other element of
-    an interleaved copy)."""
-    out = torch.stack([t, torch.zeros_like(t)], dim=-1)[..., 0]
-    assert not out.is_contiguous() or t.numel() <= 1
-    return out

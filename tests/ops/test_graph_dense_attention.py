@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from slsg import ops
 from slsg.ops import graph_reference
 
-from .graph_helpers import generator, noncontiguous, peak_rss_increase_mib, tolerances
-from .helpers import devices, needs_extension
+from .graph_helpers import generator, peak_rss_increase_mib, tolerances
+from .helpers import devices, needs_extension, noncontiguous
 
 
 def make_inputs(B, H, Nq, Nk, D, Dv, g, dtype=torch.float64, with_bias=True):

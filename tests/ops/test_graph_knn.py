@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from slsg import ops
 from slsg.ops import graph_reference
 
-from .graph_helpers import generator, noncontiguous, peak_rss_increase_mib
-from .helpers import devices, needs_extension
+from .graph_helpers import generator, peak_rss_increase_mib
+from .helpers import devices, needs_extension, noncontiguous
 
 
 def brute_force_knn(x, k, dilation=1, bias=None, include_self=True):

@@ -4,8 +4,8 @@ import torch
 from slsg import ops
 from slsg.ops import graph_reference
 
-from .graph_helpers import generator, noncontiguous, random_index, tolerances
-from .helpers import devices, needs_extension
+from .graph_helpers import generator, random_index, tolerances
+from .helpers import devices, needs_extension, noncontiguous
 
 
 def loop_max_relative(x, index):

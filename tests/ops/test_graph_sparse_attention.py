@@ -6,8 +6,8 @@ import torch
 from slsg import ops
 from slsg.ops import graph_reference
 
-from .graph_helpers import generator, noncontiguous, random_index, tolerances
-from .helpers import devices, needs_extension
+from .graph_helpers import generator, random_index, tolerances
+from .helpers import devices, needs_extension, noncontiguous
 
 
 def make_inputs(B, H, N, D, Dv, K, g, dtype=torch.float64, with_bias=True):
