@@ -85,7 +85,8 @@ def markdown_report(doc: dict[str, Any], figures: list[str], heatmaps: list[Path
     lines += ["| metric | value |", "|---|---|"]
     for key in HEADLINE:
         lines.append(f"| {key} | {_fmt(doc.get(key))} |")
-    for key in ("fit_seconds", "images_per_second", "images_per_second_batch1", "evaluation_seconds",
+    for key in ("fit_seconds", "images_per_second", "images_per_second_batch1", "batch1_input_size",
+                "evaluation_seconds",
                 "threshold", "tpr_at_threshold", "fpr_at_threshold"):
         if doc.get(key) is not None:
             lines.append(f"| {key} | {_fmt(doc[key])} |")

@@ -138,6 +138,8 @@ def test_end_to_end_on_real_bottle_images(capsys, tmp_path, shared_data):
     assert metrics["image_auroc"] >= 0.8, metrics
     assert metrics["pixel_auroc"] >= 0.9, metrics
     assert metrics["fit_seconds"] > 0 and metrics["images_per_second"] > 0
+    # bottle images are 900 x 900: the batch-1 speed is measured at the model input, 256 x 256
+    assert metrics["batch1_input_size"] == [256, 256] and metrics["images_per_second_batch1"] > 0
     assert "image_auroc" in out
     for name in ("report.md", "roc.png", "pro.png", "split.json", "model/detector.json"):
         assert (run_dir / name).is_file(), name

@@ -184,6 +184,10 @@ class Detector(ABC):
         that size, None when it wants each image at its own size and resizes it itself."""
         return None
 
+    def input_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size ``predict`` resizes an image of ``height`` x ``width`` pixels to (its model input)."""
+        return height, width
+
     def predict_each(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``predict`` for images [3, H_i, W_i] of possibly different sizes: one call per run of
         equal sizes. Returns scores [B] and one map [H_i, W_i] per image."""
