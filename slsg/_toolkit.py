@@ -31,8 +31,6 @@ def find_cuda_home() -> str | None:
 
 def nvidia_wheel_includes() -> list[str]:
     """Headers shipped in torch's nvidia-* wheels (e.g. cuBLAS) that a bare toolkit may lack."""
-    import importlib.util
-
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []
