@@ -89,13 +89,18 @@ def benchmarks() -> None:
     rows.append(("greedy_coreset 214016x1536 -> 10%", f"{t:.2f} s", "projection_dim=128"))
 
 
+def finish(title: str) -> None:
+    """Print the collected rows as a table and exit non-zero if any check failed."""
+    width = max(len(r[0]) for r in rows)
+    print(f"\n== {title}")
+    for name, value, detail in rows:
+        print(f"{name:<{width}}  {value:>10}  {detail}")
+    raise SystemExit(1 if any(r[1] == "FAIL" for r in rows) else 0)
+
+
 if __name__ == "__main__":
     assert torch.cuda.is_available(), "no CUDA device"
     print("backend:", slsg.ops.backend())
     correctness()
     benchmarks()
-    width = max(len(r[0]) for r in rows)
-    print("\n== GPU check summary")
-    for name, value, detail in rows:
-        print(f"{name:<{width}}  {value:>10}  {detail}")
-    raise SystemExit(1 if any(r[1] == "FAIL" for r in rows) else 0)
+    finish("GPU check summary")

@@ -25,7 +25,7 @@ from slsg.ops import graph_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 # Shared with the scoring check (run as scripts, benchmarks/ is on sys.path): one table.
-from gpu_check import check, peak_extra, rows, timed  # noqa: E402
+from gpu_check import check, finish, peak_extra, rows, timed  # noqa: E402
 
 
 def run_tests() -> None:
@@ -163,8 +163,4 @@ if __name__ == "__main__":
     run_tests()
     correctness()
     benchmarks()
-    width = max(len(r[0]) for r in rows)
-    print("\n== GPU graph check summary")
-    for name, value, detail in rows:
-        print(f"{name:<{width}}  {value:>10}  {detail}")
-    raise SystemExit(1 if any(r[1] == "FAIL" for r in rows) else 0)
+    finish("GPU graph check summary")

@@ -10,7 +10,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from slsg.data import open_dataset
 from slsg.detectors import load_detector, measure_throughput
@@ -21,8 +20,7 @@ def main(run_dir: str, data_dir: str, threads: int) -> None:
     detector = load_detector(run_dir)
     detector.progress = False
     image = open_dataset(data_dir, "test", image_size=detector.dataset_image_size)[0]["image"][None]
-    image = F.interpolate(image, size=detector.input_size(*image.shape[-2:]), mode="bilinear",
-                          align_corners=False, antialias=True).clamp_(0, 1)
+    image = detector.resize_to_input(image)
     rates = [measure_throughput(detector, image, repeats=30, warmup=3) for _ in range(3)]
     print(f"threads={threads} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')} "
           f"input={tuple(image.shape[-2:])} images/s best={max(rates):.1f} all={[round(r, 1) for r in rates]}")

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
 EXIT_BAD_INPUT = 2
 
@@ -76,9 +75,7 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
                   progress=not args.quiet)
     # Model speed at the model's input size (what benchmarks compare), not counting the
     # resizing of a full-resolution image.
-    first = test[0]["image"][None]
-    model_input = F.interpolate(first, size=detector.input_size(*first.shape[-2:]), mode="bilinear",
-                                align_corners=False, antialias=True).clamp_(0, 1)
+    model_input = detector.resize_to_input(test[0]["image"][None])
     timings = {"fit_seconds": fit_seconds,
                "images_per_second_batch1": measure_throughput(detector, model_input, repeats=10, warmup=2),
                "batch1_input_size": list(model_input.shape[-2:])}

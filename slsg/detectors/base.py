@@ -188,9 +188,21 @@ class Detector(ABC):
         """The size ``predict`` resizes an image of ``height`` x ``width`` pixels to (its model input)."""
         return height, width
 
-    def predict_each(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``predict`` for images [3, H_i, W_i] of possibly different sizes: one call per run of
-        equal sizes. Returns scores [B] and one map [H_i, W_i] per image."""
+    def resize_to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, H, W] resized (bilinear, antialiased when shrinking) to ``input_size``."""
+        size = self.input_size(*images.shape[-2:])
+        if images.shape[-2:] == size:
+            return images
+        shrinking = images.shape[-2] > size[0] or images.shape[-1] > size[1]
+        return F.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                             antialias=shrinking).clamp_(0, 1)
+
+    def predict_each(self, images: torch.Tensor | list[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """``predict`` for a batch [B, 3, H, W], or for a list of images [3, H_i, W_i] of possibly
+        different sizes (one call per run of equal sizes; then one map [H_i, W_i] per image)."""
+        if isinstance(images, torch.Tensor):
+            return self.predict(images)
         scores: list[torch.Tensor] = []
         maps: list[torch.Tensor] = []
         start = 0

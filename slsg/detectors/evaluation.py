@@ -63,11 +63,7 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
     index = 0
     for batch in tqdm(loader, desc="test", unit="batch", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        images = batch["image"]
-        if isinstance(images, list):
-            batch_scores, batch_maps = detector.predict_each(images)
-        else:
-            batch_scores, batch_maps = detector.predict(images)
+        batch_scores, batch_maps = detector.predict_each(batch["image"])
         predict_seconds += time.perf_counter() - t0
         for j in range(len(batch_scores)):
             mask = dataset_method(dataset, "full_mask", index)

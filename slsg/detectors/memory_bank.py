@@ -151,19 +151,6 @@ class MemoryBankDetector(Detector):
         multiple = max(cfg.strides)  # every stage then has a whole number of cells
         return tuple(max(2 * multiple, round(side * scale / multiple) * multiple) for side in (height, width))
 
-    def _input_scale(self, dataset: Dataset) -> float | None:
-        if self.config.resize == "square":
-            return None
-        shorter = sorted(min(h, w) for h, w in image_sizes(dataset))
-        return self.config.image_size / shorter[len(shorter) // 2]
-
-    def _resize_input(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.input_size(*images.shape[-2:])
-        if images.shape[-2:] == size:
-            return images
-        shrinking = images.shape[-2] > size[0] or images.shape[-1] > size[1]
-        return F.interpolate(images, size=size, mode="bilinear", align_corners=False,
-                             antialias=shrinking).clamp_(0, 1)
 
     # ------------------------------------------------------------------ fit
     def fit(self, dataset: Dataset) -> "MemoryBankDetector":
@@ -176,9 +163,18 @@ class MemoryBankDetector(Detector):
         order = torch.randperm(n, generator=generator).tolist()
         n_cal = min(n - 1, max(1, round(cfg.calibration_ratio * n))) if cfg.calibration_ratio > 0 else 0
         cal_index, bank_index = sorted(order[:n_cal]), sorted(order[n_cal:])
-        self.fit_info = {"input_scale": self._input_scale(dataset)}
+        if cfg.resize == "square":
+            self.fit_info = {"input_scale": None}
+            input_sizes = [(cfg.image_size, cfg.image_size)] * n
+        else:
+            sizes = image_sizes(dataset)
+            shorter = sorted(min(h, w) for h, w in sizes)
+            self.fit_info = {"input_scale": cfg.image_size / shorter[len(shorter) // 2]}
+            input_sizes = [self.input_size(*s) for s in sizes]
 
-        features = self._collect_features(Subset(dataset, bank_index))
+        cell = min(cfg.strides)
+        patches = sum((h // cell) * (w // cell) for h, w in (input_sizes[i] for i in bank_index))
+        features = self._collect_features(Subset(dataset, bank_index), patches)
         feature_seconds = time.perf_counter() - start
         self.bank = MemoryBank.build(features, coreset_ratio=cfg.coreset_ratio, seed=cfg.seed)
         coreset_seconds = time.perf_counter() - start - feature_seconds
@@ -188,11 +184,10 @@ class MemoryBankDetector(Detector):
         cal_scores: list[float] = []
         if cal_index:
             for images in self._batches(Subset(dataset, cal_index), "calibration"):
-                scores, _ = self.predict_each(images) if isinstance(images, list) else self.predict(images)
+                scores, _ = self.predict_each(images)
                 cal_scores += scores.tolist()
             self.image_threshold = threshold_from_normal(cal_scores, cfg.threshold_quantile)
-        self.fit_info = {
-            "input_scale": self.fit_info["input_scale"],
+        self.fit_info.update({
             "train_images": len(bank_index),
             "calibration_images": len(cal_index),
             "calibration_indices": cal_index,
@@ -202,7 +197,7 @@ class MemoryBankDetector(Detector):
             "feature_seconds": feature_seconds,
             "coreset_seconds": coreset_seconds,
             "fit_seconds": time.perf_counter() - start,
-        }
+        })
         return self
 
     def _batches(self, dataset: Dataset, what: str):
@@ -210,19 +205,14 @@ class MemoryBankDetector(Detector):
                             num_workers=self.config.num_workers, collate_fn=_collate_images)
         yield from tqdm(loader, desc=what, unit="batch", disable=not self.progress, leave=False)
 
-    def _collect_features(self, dataset: Dataset) -> torch.Tensor:
-        """All patch embeddings of ``dataset`` as [patches, D], filled into one preallocated tensor
-        (concatenating per-batch pieces would briefly need twice the memory)."""
-        cell = min(self.config.strides)
-        if self.config.resize == "square":
-            patches = len(dataset) * (self.config.image_size // cell) ** 2
-        else:
-            patches = sum((h // cell) * (w // cell) for h, w in (self.input_size(*s) for s in image_sizes(dataset)))
+    def _collect_features(self, dataset: Dataset, patches: int) -> torch.Tensor:
+        """All ``patches`` patch embeddings of ``dataset`` as [patches, D], filled into one
+        preallocated tensor (concatenating per-batch pieces would briefly need twice the memory)."""
         features: torch.Tensor | None = None
         row = 0
         for batch in self._batches(dataset, "features"):
             for images in ([x[None] for x in batch] if isinstance(batch, list) else [batch]):
-                emb = self.embed(self._resize_input(check_image_batch(images)))
+                emb = self.embed(self.resize_to_input(check_image_batch(images)))
                 emb = emb.reshape(-1, emb.shape[-1]).cpu()
                 if features is None:
                     features = torch.empty(patches, emb.shape[1], dtype=emb.dtype)
@@ -250,7 +240,7 @@ class MemoryBankDetector(Detector):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = check_image_batch(images)
         out_size = images.shape[-2:]
-        resized = self._resize_input(images)
+        resized = self.resize_to_input(images)
         dist = self.patch_distances(resized)
         maps = F.interpolate(dist[:, None].float(), size=resized.shape[-2:], mode="bilinear",
                              align_corners=False)

@@ -31,6 +31,9 @@ class SimulatedValidationSet(Dataset):
         self.synthesizer = synthesizer
         self.seed = seed
         self.branch = branch
+        # evaluate() asks for full_mask(i) right after item i: keep each mask until then
+        # rather than synthesising the anomaly twice.
+        self._masks: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return 2 * len(self.normals)
@@ -49,11 +52,16 @@ class SimulatedValidationSet(Dataset):
             return {"image": image, "mask": torch.zeros(1, *image.shape[-2:]), "label": 0,
                     "path": str(item.get("path", "")), "defect_type": "good", "kind": "good"}
         result = self.synthesizer.sample(image, item_generator(self.seed, 0, index), branch=self.branch)
+        self._masks[index] = result.mask[0].numpy() > 0.5
         return {"image": result.image, "mask": result.mask, "label": 1, "path": str(item.get("path", "")),
                 "defect_type": f"simulated_{result.branch}", "kind": result.kind}
 
     def full_mask(self, index: int) -> np.ndarray:
-        return self[index]["mask"][0].numpy() > 0.5
+        if index < len(self.normals):
+            return np.zeros(tuple(self._normal(index)["image"].shape[-2:]), dtype=bool)
+        if index not in self._masks:  # not served by this process (DataLoader workers)
+            self[index]
+        return self._masks.pop(index)
 
 
 def simulated_validation(make_detector: Callable[[], Detector], normals: Dataset,
