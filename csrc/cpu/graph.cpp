@@ -3,12 +3,14 @@
 // knn_graph: cosine similarity is a GEMM of the L2-normalised features with themselves.
 // The [N, N] matrix is never built: it is cut into T x T tiles, and since it is symmetric
 // only tiles with I <= J are computed, each feeding both its rows (node i sees j) and its
-// columns (node j sees i). Every node keeps its best k*dilation candidates in a small sorted
-// list; a lower bound of its final threshold, taken from a strided sample of the nodes,
-// lets one vector comparison reject most candidates from the first tile on. With enough
-// batch items a thread takes whole items; otherwise tiles run in round-robin rounds (no
-// block twice in a round), so the tiles of a round run in parallel without two threads
-// touching one list.
+// columns (node j sees i). The tiles' dot products come from our AVX2 GEMM (gemm.h) on
+// blocks packed once per batch item. Every node keeps its best k*dilation candidates in a
+// small sorted list; a threshold guessed from a sample of the nodes lets one vector
+// comparison reject most candidates from the first tile on, and the few nodes whose guess
+// was too high are recomputed exactly at the end. With enough batch items a thread takes
+// whole items (tile by tile over a group of them, so each bias block is read from memory
+// once per group); otherwise tiles run in round-robin rounds (no block twice in a round),
+// so the tiles of a round run in parallel without two threads touching one list.
 //
 // max_relative: forward is row-parallel; backward is parallel over (batch, channel block),
 // so each thread owns the gradient rows it scatters into (no atomics, deterministic).
@@ -21,16 +23,19 @@
 #include <cmath>
 #include <functional>
 #include <limits>
+#include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "gemm.h"
 
 namespace slsg {
 namespace {
 
 constexpr int64_t kKnnTile = 256;                    // 256 x 256 floats = 256 KiB: fits L2
-constexpr int64_t kKnnStateBytes = 32 * 1024 * 1024;  // heaps of the batch items in flight
+constexpr int64_t kKnnStateBytes = 32 * 1024 * 1024;  // candidate lists of one thread's items in flight
 constexpr double kCosineEps = 1e-12;                  // as F.normalize
 
 template <typename acc_t>
@@ -48,14 +53,17 @@ inline bool ranks_before(const Candidate<acc_t>& a, const Candidate<acc_t>& b) {
 // Offers `count` candidates (values[c] + bias[c], node first + c) to one node's list, kept
 // sorted best first with at most `capacity` entries; returns the new length. Chunks whose
 // maximum is below the worst entry of a full list are rejected with one vector pass; the
-// survivors are gathered into `scratch` (room for count + capacity entries), cut to the
-// best `capacity` with nth_element, sorted and merged with the list in one pass. `floor`
-// is a lower bound of the node's capacity-th best value (see knn_floors): candidates below
-// it cannot make the list.
+// survivors are gathered into `scratch` (room for count + capacity entries) in node order.
+// When more than `capacity` survive, the capacity-th best value is found on a plain float
+// copy (`cut`, room for count values: one compare per step, several times faster than
+// ordering the pairs, profiled), and only values above it, plus ties at it in node order,
+// are kept. These are sorted and merged with the list in one pass. `floor` is a lower
+// bound of the node's capacity-th best value (see knn_floors): candidates below it cannot
+// make the list.
 template <typename acc_t>
 int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
                          const acc_t* values, const acc_t* bias, int64_t first, int64_t count,
-                         int64_t skip, acc_t floor, Candidate<acc_t>* scratch) {
+                         int64_t skip, acc_t floor, Candidate<acc_t>* scratch, acc_t* cut) {
   constexpr int64_t kChunk = 16;
   acc_t vals[kChunk];
   const acc_t worst = n == capacity ? std::max(floor, list[n - 1].value) : floor;
@@ -84,8 +92,17 @@ int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
   }
   if (m == 0) return n;
   if (m > capacity) {
-    std::nth_element(scratch, scratch + capacity - 1, scratch + m, ranks_before<acc_t>);
-    m = capacity;
+    for (int64_t t = 0; t < m; ++t) cut[t] = scratch[t].value;
+    std::nth_element(cut, cut + capacity - 1, cut + m, std::greater<acc_t>());
+    const acc_t threshold = cut[capacity - 1];
+    int64_t above = 0;
+    for (int64_t t = 0; t < m; ++t) above += scratch[t].value > threshold;
+    int64_t ties = capacity - above, kept = 0;
+    for (int64_t t = 0; t < m; ++t) {
+      const acc_t v = scratch[t].value;
+      if (v > threshold || (v == threshold && ties-- > 0)) scratch[kept++] = scratch[t];
+    }
+    m = kept;
   }
   std::sort(scratch, scratch + m, ranks_before<acc_t>);
   // Merge the two sorted runs into the space after the survivors, then copy back.
@@ -98,6 +115,14 @@ int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
   }
   std::copy(merged, merged + total, list);
   return total;
+}
+
+// Asks for n floats at p ahead of use: bias rows are short runs 4N bytes apart, which the
+// hardware prefetcher picks up too late (profiled: half of the candidate pass waited there).
+template <typename acc_t>
+inline void prefetch_span(const acc_t* p, int64_t n) {
+  constexpr int64_t kLine = 64 / sizeof(acc_t);
+  for (int64_t o = 0; o < n; o += kLine) __builtin_prefetch(p + o);
 }
 
 // Round-robin tournament over nb blocks: every pair I < J exactly once, no block twice in
@@ -123,10 +148,65 @@ template <typename acc_t>
 struct TileBuffers {
   at::Tensor tile, tile_t;                 // flat, kKnnTile^2 each
   std::vector<Candidate<acc_t>> scratch;  // kKnnTile + 2 * span
+  std::vector<acc_t> cut;                 // kKnnTile
   TileBuffers(const at::TensorOptions& options, int64_t span)
       : tile(at::empty({kKnnTile * kKnnTile}, options)),
         tile_t(at::empty({kKnnTile * kKnnTile}, options)),
-        scratch(kKnnTile + 2 * span) {}
+        scratch(kKnnTile + 2 * span),
+        cut(kKnnTile) {}
+};
+
+// Rank of the floor among `samples` sampled candidates out of N: about 3 * span of all N
+// score above it (see knn_floors).
+inline int64_t floor_rank(int64_t span, int64_t samples, int64_t N) {
+  return std::clamp<int64_t>((3 * span * samples + N - 1) / N, 1, span);
+}
+
+// Floor of one node of a one-tile graph, from every 4th of its N values (+ bias); -inf when
+// too few to sample. `work` holds N / 4 + 1 values.
+template <typename acc_t>
+acc_t row_floor(const acc_t* values, const acc_t* bias, int64_t N, int64_t span, int64_t skip,
+                acc_t* work) {
+  int64_t m = 0;
+  for (int64_t j = 0; j < N; j += 4)
+    if (j != skip) work[m++] = values[j] + (bias ? bias[j] : acc_t(0));
+  const int64_t rank = floor_rank(span, m, N);
+  if (m < 2 * rank || m < 16) return -std::numeric_limits<acc_t>::infinity();
+  std::nth_element(work, work + (rank - 1), work + m, std::greater<acc_t>());
+  return work[rank - 1];
+}
+
+// One batch item's normalised features, each block of kKnnTile rows packed once as both
+// GEMM operands (A panels for the rows of a tile, B panels for its columns): every block
+// meets every other, so packing per tile would repeat it nb times (a fifth of the GEMM time
+// at C = 256, profiled). Empty (no panels) where the AVX2 GEMM is unavailable or for float64.
+struct PackedBlocks {
+  std::vector<float> a_storage, b_storage;
+  float* a = nullptr;
+  float* b = nullptr;
+  int64_t a_stride = 0, b_stride = 0;
+
+  static int64_t bytes(int64_t N, int64_t C) {
+    const int64_t nb = (N + kKnnTile - 1) / kKnnTile;
+    return nb * (gemm::panel_size(kKnnTile, C, gemm::kMR) + gemm::panel_size(kKnnTile, C, gemm::kNR)) *
+           static_cast<int64_t>(sizeof(float));
+  }
+
+  template <typename acc_t>
+  void pack(const at::Tensor& xb) {
+    if (!std::is_same_v<acc_t, float> || !gemm::available()) return;
+    const int64_t N = xb.size(0), C = xb.size(1), nb = (N + kKnnTile - 1) / kKnnTile;
+    a_stride = gemm::panel_size(kKnnTile, C, gemm::kMR);
+    b_stride = gemm::panel_size(kKnnTile, C, gemm::kNR);
+    a = gemm::aligned(a_storage, nb * a_stride);
+    b = gemm::aligned(b_storage, nb * b_stride);
+    const float* x = reinterpret_cast<const float*>(xb.data_ptr());
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const int64_t rows = std::min(kKnnTile, N - blk * kKnnTile);
+      gemm::pack_panel(x + blk * kKnnTile * C, C, rows, C, gemm::kMR, a + blk * a_stride);
+      gemm::pack_panel(x + blk * kKnnTile * C, C, rows, C, gemm::kNR, b + blk * b_stride);
+    }
+  }
 };
 
 // Offers the dot products of tile (I, J) of one batch item to the nodes' lists: rows of
@@ -135,18 +215,29 @@ struct TileBuffers {
 template <typename acc_t>
 void knn_tile(const at::Tensor& xb, const acc_t* bias, int64_t N, int64_t I, int64_t J,
               bool include_self, const acc_t* floors, Candidate<acc_t>* items, int64_t* sizes,
-              int64_t span, TileBuffers<acc_t>& buffers) {
+              int64_t span, const PackedBlocks& packed, TileBuffers<acc_t>& buffers) {
   const int64_t i0 = I * kKnnTile, j0 = J * kKnnTile;
   const int64_t ti = std::min(kKnnTile, N - i0), tj = std::min(kKnnTile, N - j0);
   at::Tensor tile = buffers.tile.narrow(0, 0, ti * tj).view({ti, tj});
-  at::mm_out(tile, xb.narrow(0, i0, ti), xb.narrow(0, j0, tj).t());
+  if (packed.a) {
+    gemm::nt_packed(ti, tj, xb.size(1), packed.a + I * packed.a_stride, packed.b + J * packed.b_stride,
+                    reinterpret_cast<float*>(tile.data_ptr()), tj);
+  } else {
+    at::mm_out(tile, xb.narrow(0, i0, ti), xb.narrow(0, j0, tj).t());
+  }
   const acc_t* S = tile.data_ptr<acc_t>();
   Candidate<acc_t>* scratch = buffers.scratch.data();
   for (int64_t r = 0; r < ti; ++r) {
     const int64_t i = i0 + r;
-    sizes[i] = offer_candidates<acc_t>(items + i * span, sizes[i], span, S + r * tj,
-                                       bias ? bias + i * N + j0 : nullptr, j0, tj,
-                                       include_self ? -1 : i, floors[i], scratch);
+    if (bias && r + 1 < ti) prefetch_span(bias + (i + 1) * N + j0, tj);
+    const acc_t* brow = bias ? bias + i * N + j0 : nullptr;
+    // A one-tile graph has no sampled floors: the tile is the whole row, so a floor comes
+    // from a strided quarter of the row itself, by the same rule (knn_refill keeps it exact).
+    const acc_t floor = tj == N ? row_floor(S + r * tj, brow, N, span, include_self ? -1 : i,
+                                            buffers.cut.data())
+                                : floors[i];
+    sizes[i] = offer_candidates<acc_t>(items + i * span, sizes[i], span, S + r * tj, brow, j0, tj,
+                                       include_self ? -1 : i, floor, scratch, buffers.cut.data());
   }
   if (I == J) return;
   // The transposed copy (a blocked ATen transpose) keeps the column pass contiguous.
@@ -155,40 +246,95 @@ void knn_tile(const at::Tensor& xb, const acc_t* bias, int64_t N, int64_t I, int
   const acc_t* St = tile_t.data_ptr<acc_t>();
   for (int64_t c = 0; c < tj; ++c) {
     const int64_t j = j0 + c;
+    if (bias && c + 1 < tj) prefetch_span(bias + (j + 1) * N + i0, ti);
     sizes[j] = offer_candidates<acc_t>(items + j * span, sizes[j], span, St + c * ti,
                                        bias ? bias + j * N + i0 : nullptr, i0, ti, -1, floors[j],
-                                       scratch);
+                                       scratch, buffers.cut.data());
   }
 }
 
-// Per node, a lower bound of its span-th best value: the span-th best over a strided sample
-// of the nodes, lowered by a margin that covers the rounding difference between this GEMM
-// and the tiles'. The true top span all score at least this, so candidates below it are
-// rejected from the first tile on, even when the tiles that hold the best candidates come
-// last (e.g. a relative-position bias that favours distant nodes). Small graphs skip it.
+// The nodes whose similarities estimate each node's rejection threshold (see knn_floors),
+// and the bias at those columns [N, samples], gathered once per call rather than once per
+// batch item (a strided read of the whole [N, N] bias: profiled at an eighth of the kernel).
+// Empty for small graphs, which skip the floors. Golden-ratio steps through the node order
+// spread the sample over both axes of an image grid (a plain stride can hit a few columns
+// only, and the bias is often spatial).
 template <typename acc_t>
-void knn_floors(const at::Tensor& xb, const acc_t* bias, int64_t span, bool include_self,
-                acc_t* floors) {
-  const int64_t N = xb.size(0);
-  const int64_t samples = std::min<int64_t>(256, N / 16);
-  if (N < 512 || samples < 2 * span) {
+struct FloorSample {
+  std::vector<int64_t> nodes;
+  at::Tensor nodes_t, bias;  // bias undefined without a bias
+
+  FloorSample(int64_t N, int64_t span, const at::Tensor& full_bias) {
+    const int64_t samples = std::min<int64_t>(N, std::clamp<int64_t>(N / 16, 64, 256));
+    if (N <= kKnnTile || samples < 2 * span) return;  // one tile: see row_floor
+    int64_t step = static_cast<int64_t>(0.6180339887 * static_cast<double>(N)) | 1;
+    while (std::gcd(step, N) != 1) step += 2;
+    nodes.resize(samples);
+    for (int64_t t = 0; t < samples; ++t) nodes[t] = (t * step) % N;
+    std::sort(nodes.begin(), nodes.end());
+    nodes_t = at::from_blob(nodes.data(), {samples}, at::kLong);
+    if (full_bias.defined()) bias = full_bias.index_select(1, nodes_t).contiguous();
+  }
+};
+
+// Per node, a rejection threshold ("floor") estimated from the sampled nodes: the r-th best
+// sampled value, r chosen so that about 3 * span of all N candidates score above it (the
+// span-th best of the sample, a guaranteed lower bound, lets several times more through:
+// profiled, most of the kernel's time went to those). Candidates below the floor are
+// rejected from the first tile on, even when the tiles that hold the best candidates come
+// last (e.g. a relative-position bias that favours distant nodes). The floor is a guess: a
+// node whose list is not full at the end had it too high and is recomputed without one
+// (knn_refill), so the result stays exact. The margin covers the rounding difference
+// between this GEMM and the tiles'.
+template <typename acc_t>
+void knn_floors(const at::Tensor& xb, const FloorSample<acc_t>& sample, int64_t span,
+                bool include_self, acc_t* floors) {
+  const int64_t N = xb.size(0), samples = static_cast<int64_t>(sample.nodes.size());
+  if (samples == 0) {
     std::fill(floors, floors + N, -std::numeric_limits<acc_t>::infinity());
     return;
   }
-  const int64_t stride = N / samples;
-  const at::Tensor sims = at::mm(xb, xb.slice(0, 0, stride * samples, stride).t()).contiguous();  // [N, samples]
+  const at::Tensor sims = at::mm(xb, xb.index_select(0, sample.nodes_t).t()).contiguous();  // [N, samples]
   const acc_t* sd = sims.data_ptr<acc_t>();
+  const acc_t* bd = sample.bias.defined() ? sample.bias.template data_ptr<acc_t>() : nullptr;
+  const int64_t rank = floor_rank(span, samples, N);
   std::vector<acc_t> row(samples);
   for (int64_t i = 0; i < N; ++i) {
     int64_t m = 0;
     for (int64_t t = 0; t < samples; ++t) {
-      const int64_t j = t * stride;
-      if (!include_self && j == i) continue;
-      row[m++] = sd[i * samples + t] + (bias ? bias[i * N + j] : acc_t(0));
+      if (!include_self && sample.nodes[t] == i) continue;
+      row[m++] = sd[i * samples + t] + (bd ? bd[i * samples + t] : acc_t(0));
     }
-    std::nth_element(row.begin(), row.begin() + (span - 1), row.begin() + m, std::greater<acc_t>());
-    const acc_t v = row[span - 1];
+    std::nth_element(row.begin(), row.begin() + (rank - 1), row.begin() + m, std::greater<acc_t>());
+    const acc_t v = row[rank - 1];
     floors[i] = v - acc_t(1e-3) * std::max<acc_t>(1, std::abs(v));
+  }
+}
+
+// Recomputes, without a floor, the list of each node (of rows [first, last)) that ended
+// with fewer than span entries (its floor was above its span-th best value): their rows of
+// similarities in one product, then an exact selection. Rare by construction of the floors.
+template <typename acc_t>
+void knn_refill(const at::Tensor& xb, const acc_t* bias, int64_t span, bool include_self,
+                Candidate<acc_t>* items, int64_t* sizes, int64_t first, int64_t last) {
+  const int64_t N = xb.size(0);
+  std::vector<int64_t> rows;
+  for (int64_t i = first; i < last; ++i)
+    if (sizes[i] < span) rows.push_back(i);
+  if (rows.empty()) return;
+  const int64_t R = static_cast<int64_t>(rows.size());
+  const at::Tensor rows_t = at::from_blob(rows.data(), {R}, at::kLong);
+  const at::Tensor sims = at::mm(xb.index_select(0, rows_t), xb.t()).contiguous();  // [R, N]
+  const acc_t* sd = sims.data_ptr<acc_t>();
+  std::vector<Candidate<acc_t>> row(N);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = rows[r];
+    int64_t m = 0;
+    for (int64_t j = 0; j < N; ++j)
+      if (include_self || j != i) row[m++] = {sd[r * N + j] + (bias ? bias[i * N + j] : acc_t(0)), j};
+    std::partial_sort(row.begin(), row.begin() + span, row.begin() + m, ranks_before<acc_t>);
+    std::copy(row.begin(), row.begin() + span, items + i * span);
+    sizes[i] = span;
   }
 }
 
@@ -209,24 +355,42 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
   const auto rounds = tile_rounds(nb);
   const acc_t* bias_data = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
   int64_t* out_data = out.data_ptr<int64_t>();
+  const FloorSample<acc_t> sample(N, span, bias);
 
   if (B >= at::get_num_threads()) {
     // Enough batch items to keep every thread busy: a thread takes whole items (one
-    // parallel region, no barriers between tiles).
+    // parallel region, no barriers between tiles). It runs each tile for a group of its
+    // items in turn, so the tile's bias block comes from DRAM once per group, not per item.
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<Candidate<acc_t>> items(N * span);
-      std::vector<int64_t> sizes(N);
-      std::vector<acc_t> floors(N);
+      const int64_t item_bytes = N * span * static_cast<int64_t>(sizeof(Candidate<acc_t>)) +
+                                 PackedBlocks::bytes(N, xn.size(2));
+      const int64_t group = std::clamp<int64_t>(kKnnStateBytes / item_bytes, 1, end - begin);
+      std::vector<Candidate<acc_t>> items(group * N * span);
+      std::vector<int64_t> sizes(group * N);
+      std::vector<acc_t> floors(group * N);
+      std::vector<PackedBlocks> packed(group);
+      std::vector<at::Tensor> xs(group);
       TileBuffers<acc_t> buffers(xn.options(), span);
-      for (int64_t b = begin; b < end; ++b) {
+      for (int64_t g0 = begin; g0 < end; g0 += group) {
+        const int64_t count = std::min(group, end - g0);
         std::fill(sizes.begin(), sizes.end(), 0);
-        const at::Tensor xb = xn[b];
-        knn_floors<acc_t>(xb, bias_data, span, include_self, floors.data());
+        for (int64_t t = 0; t < count; ++t) {
+          xs[t] = xn[g0 + t];
+          packed[t].pack<acc_t>(xs[t]);
+          knn_floors<acc_t>(xs[t], sample, span, include_self, floors.data() + t * N);
+        }
         for (const auto& round : rounds)
           for (const auto& [I, J] : round)
-            knn_tile<acc_t>(xb, bias_data, N, I, J, include_self, floors.data(), items.data(),
-                            sizes.data(), span, buffers);
-        knn_emit<acc_t>(items.data(), N, span, k, dilation, out_data + b * N * k);
+            for (int64_t t = 0; t < count; ++t)
+              knn_tile<acc_t>(xs[t], bias_data, N, I, J, include_self, floors.data() + t * N,
+                              items.data() + t * N * span, sizes.data() + t * N, span,
+                              packed[t], buffers);
+        for (int64_t t = 0; t < count; ++t) {
+          knn_refill<acc_t>(xs[t], bias_data, span, include_self, items.data() + t * N * span,
+                            sizes.data() + t * N, 0, N);
+          knn_emit<acc_t>(items.data() + t * N * span, N, span, k, dilation,
+                          out_data + (g0 + t) * N * k);
+        }
       }
     });
     return;
@@ -236,19 +400,22 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
   std::vector<Candidate<acc_t>> items(N * span);
   std::vector<int64_t> sizes(N);
   std::vector<acc_t> floors(N);
+  PackedBlocks packed;
   for (int64_t b = 0; b < B; ++b) {
     std::fill(sizes.begin(), sizes.end(), 0);
     const at::Tensor xb = xn[b];
-    knn_floors<acc_t>(xb, bias_data, span, include_self, floors.data());
+    knn_floors<acc_t>(xb, sample, span, include_self, floors.data());
+    packed.pack<acc_t>(xb);
     for (const auto& round : rounds) {
       at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
         TileBuffers<acc_t> buffers(xn.options(), span);
         for (int64_t t = begin; t < end; ++t)
           knn_tile<acc_t>(xb, bias_data, N, round[t].first, round[t].second, include_self,
-                          floors.data(), items.data(), sizes.data(), span, buffers);
+                          floors.data(), items.data(), sizes.data(), span, packed, buffers);
       });
     }
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+      knn_refill<acc_t>(xb, bias_data, span, include_self, items.data(), sizes.data(), begin, end);
       knn_emit<acc_t>(items.data() + begin * span, end - begin, span, k, dilation,
                       out_data + (b * N + begin) * k);
     });
@@ -279,12 +446,9 @@ bool normalize_rows(const at::Tensor& x, at::Tensor& xn) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = xd + r * C;
       double sum = 0.0;
-      bool ok = true;
-      for (int64_t c = 0; c < C; ++c) {
-        ok &= std::isfinite(row[c]);
-        sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-      }
-      if (!ok) finite = false;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+      if (!std::isfinite(sum)) finite = false;  // a NaN or Inf anywhere in the row shows here
       const scalar_t norm = static_cast<scalar_t>(std::max(std::sqrt(sum), kCosineEps));
       for (int64_t c = 0; c < C; ++c) od[r * C + c] = row[c] / norm;
     }

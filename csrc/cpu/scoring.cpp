@@ -1,8 +1,9 @@
 // CPU kernels for nearest-normal scoring: sphere_distance and topk_mean.
 //
 // sphere_distance expands ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c so the heavy part is a
-// GEMM on [Mb, D] x [D, Kb] blocks (BLAS speed, like faiss), followed by a streaming
-// k-smallest selection over each block row. Memory is bounded by the block buffer.
+// GEMM on [Mb, D] x [D, Kb] blocks (our AVX2 micro-kernel, gemm.h; BLAS where the CPU
+// lacks AVX2 and for float64), followed by a streaming k-smallest selection over each block
+// row. Memory is bounded by the block buffers.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -11,19 +12,25 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../selection.h"
+#include "gemm.h"
 
 namespace slsg {
 namespace {
 
-// Per-thread block of up to 1024 queries x 1024 centres: 4 MiB in float32, fits the L3
-// cache, keeps extra memory small. Square blocks amortise BLAS packing of both operands
-// (measured here: ~30% more GFLOP/s than 256 x 4096).
+// Per-thread block of up to 1024 queries x 1024 centres on the BLAS path: 4 MiB in float32,
+// fits the L3 cache, keeps extra memory small. Square blocks amortise BLAS packing of both
+// operands (measured here: ~30% more GFLOP/s than 256 x 4096).
 constexpr int64_t kQueryBlock = 1024;
 constexpr int64_t kCenterBlock = 1024;
+// With our AVX2 GEMM (gemm.h) the queries are packed once per block and centres go 256 at a
+// time: each 96-row slice of the [1024, 256] dot block then stays in L2 while it
+// accumulates over D (1024-wide blocks sent it to L3 once per 256 of D).
+constexpr int64_t kPackedCenterBlock = 256;
 
 // One query row against one block of centres. A vectorised first pass turns dot products
 // into w_j = (||c_j||^2 - r_j^2) - 2 x.c_j in place and finds their minimum; most blocks
@@ -87,8 +94,9 @@ template <typename scalar_t>
 void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& centers,
                             const at::Tensor& center_offset, const at::Tensor& radius_sq,
                             int64_t k, at::Tensor& dist, at::Tensor& index) {
-  const int64_t M = x.size(0), K = centers.size(0);
-  const int64_t kb_max = std::min<int64_t>(K, kCenterBlock);
+  const int64_t M = x.size(0), K = centers.size(0), D = x.size(1);
+  const bool use_own_gemm = std::is_same_v<scalar_t, float> && gemm::available();
+  const int64_t kb_max = std::min<int64_t>(K, use_own_gemm ? kPackedCenterBlock : kCenterBlock);
   // Small batches still spread over every thread.
   const int64_t per_thread = (M + at::get_num_threads() - 1) / at::get_num_threads();
   const int64_t mb_max = std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, per_thread));
@@ -105,15 +113,29 @@ void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& centers,
 
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({mb_max * kb_max}, x.options());
+    std::vector<float> query_panel, center_panel;  // packed operands of the AVX2 GEMM
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t blk = next_block++; blk < num_blocks; blk = next_block++) {
         const int64_t m0 = blk * mb_max, mb = std::min(mb_max, M - m0);
         const at::Tensor xb = x.narrow(0, m0, mb);
+        const float* ap = nullptr;
+        if (use_own_gemm) {  // packed once, used against every block of centres
+          float* panel = gemm::aligned(query_panel, gemm::panel_size(mb, D, gemm::kMR));
+          gemm::pack_panel(reinterpret_cast<const float*>(xb.data_ptr()), D, mb, D, gemm::kMR, panel);
+          ap = panel;
+        }
         for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
           const int64_t kb = std::min(kb_max, K - k0);
-          at::Tensor dots = buffer.narrow(0, 0, mb * kb).view({mb, kb});
-          at::mm_out(dots, xb, centers.narrow(0, k0, kb).t());
-          scalar_t* dp = dots.data_ptr<scalar_t>();
+          scalar_t* dp = buffer.data_ptr<scalar_t>();
+          if (use_own_gemm) {
+            float* bp = gemm::aligned(center_panel, gemm::panel_size(kb, D, gemm::kNR));
+            gemm::pack_panel(reinterpret_cast<const float*>(centers.data_ptr()) + k0 * D, D, kb, D,
+                             gemm::kNR, bp);
+            gemm::nt_packed(mb, kb, D, ap, bp, reinterpret_cast<float*>(dp), kb);
+          } else {
+            at::Tensor dots = buffer.narrow(0, 0, mb * kb).view({mb, kb});
+            at::mm_out(dots, xb, centers.narrow(0, k0, kb).t());
+          }
           for (int64_t i = 0; i < mb; ++i) {
             const int64_t row = m0 + i;
             select_row<scalar_t>(dp + i * kb, xn[row], cn + k0, r2 ? r2 + k0 : nullptr, k0, kb,

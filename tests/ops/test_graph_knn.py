@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,8 @@ def similarity_of(x, index, bias=None):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
-    "B,N,C,k,dilation", [(1, 1, 1, 1, 1), (2, 9, 3, 3, 3), (3, 40, 5, 4, 2), (1, 300, 16, 9, 3), (2, 517, 7, 5, 1)]
+    "B,N,C,k,dilation",
+    [(1, 1, 1, 1, 1), (2, 9, 3, 3, 3), (3, 40, 5, 4, 2), (1, 300, 16, 9, 3), (2, 517, 7, 5, 1), (2, 300, 300, 5, 2)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("include_self", [True, False])
@@ -63,6 +66,33 @@ def test_matches_reference(device, B, N, C, k, dilation, with_bias, include_self
             torch.testing.assert_close(similarity_of(x, index, bias), similarity_of(x, expected, bias), atol=1e-5, rtol=0)
         if not include_self:
             assert not (index.cpu() == torch.arange(N)[None, :, None]).any()
+
+
+def kernel_floor_sample(N):
+    """The nodes the CPU kernel samples to guess each node's rejection threshold (its
+    FloorSample in csrc/cpu/graph.cpp: golden-ratio steps through the node order)."""
+    samples = min(N, max(64, min(N // 16, 256)))
+    step = int(0.6180339887 * N) | 1
+    while math.gcd(step, N) != 1:
+        step += 2
+    return sorted((t * step) % N for t in range(samples))
+
+
+@pytest.mark.parametrize("B", [1, 3])  # one item: tiles in parallel; several: items in parallel
+@pytest.mark.parametrize("include_self", [True, False])
+def test_threshold_guessed_too_high_is_recomputed(B, include_self):
+    # A bias that ranks the kernel's sampled nodes above all others makes its guessed
+    # threshold (a high rank among the sample) admit fewer than k * dilation candidates for
+    # every node, so every list must be recomputed; the result must still be exact.
+    N, C, k, dilation = 600, 8, 9, 3
+    g = generator(B, N, C, 99)
+    x = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    bias = 0.01 * torch.randn(N, N, generator=g, dtype=torch.float64)
+    bias[:, kernel_floor_sample(N)] += 5.0
+    expected = graph_reference.knn_graph(x, k, dilation, bias, include_self)
+    assert torch.equal(ops.knn_graph(x, k, dilation, bias, include_self), expected)
+    index = ops.knn_graph(x.float(), k, dilation, bias.float(), include_self)
+    torch.testing.assert_close(similarity_of(x, index, bias), similarity_of(x, expected, bias), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("device", devices())

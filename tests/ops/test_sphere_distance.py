@@ -32,7 +32,8 @@ def check_against_reference(x, centers, radii, k, atol=1e-3):
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
     "M,K,D,k",
-    [(1, 1, 1, 1), (1, 7, 3, 7), (37, 1, 13, 1), (200, 5000, 13, 4), (513, 4097, 64, 1), (64, 300, 130, 10)],
+    [(1, 1, 1, 1), (1, 7, 3, 7), (37, 1, 13, 1), (200, 5000, 13, 4), (513, 4097, 64, 1), (64, 300, 130, 10),
+     (130, 1000, 517, 3)],  # the last: several GEMM depth blocks, ragged row and column tiles
 )
 @pytest.mark.parametrize("with_radii", [False, True])
 def test_matches_reference(device, M, K, D, k, with_radii):

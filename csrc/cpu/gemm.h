@@ -1,0 +1,174 @@
+// Single-threaded float32 C = A . B^T for row-major A [m, d] and B [n, d]: the dot-product
+// blocks of the scoring and kNN kernels.
+//
+// Why our own: those kernels run one small GEMM per thread and per block. MKL, which torch
+// links, re-packs both operands on every call and reaches ~75% of this CPU's FMA peak on
+// such blocks. Here a BLIS-style 6 x 16 AVX2/FMA micro-kernel runs over panels that the
+// caller packs once and reuses (a block of queries against every block of centres, a block
+// of nodes in every tile), and the loop order keeps C in L2. Built with function target
+// attributes, so the library still loads on x86 CPUs without AVX2: callers ask available()
+// and fall back to at::mm there (and for float64).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define SLSG_GEMM_AVX2 1
+#include <immintrin.h>
+#else
+#define SLSG_GEMM_AVX2 0
+#endif
+
+namespace slsg {
+namespace gemm {
+
+constexpr int64_t kMR = 6;    // rows of A per micro-tile (broadcast operand)
+constexpr int64_t kNR = 16;   // rows of B per micro-tile (two 8-float vectors)
+constexpr int64_t kKC = 256;  // depth of one packed panel: a B sliver (16 KiB) stays in L1
+constexpr int64_t kMC = 96;   // rows of A per pass over B: their [96, n] slice of C stays in L2
+
+// Whether this CPU runs the AVX2/FMA kernel (checked once).
+inline bool available() {
+#if SLSG_GEMM_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if SLSG_GEMM_AVX2
+
+// Rows [r0, r0 + rows) of M (leading dimension ld), depth [p0, p0 + kc), into slivers of
+// `width` rows: out[s][p][w] = M[r0 + s * width + w][p0 + p], zero beyond the last row.
+inline void pack(const float* M, int64_t ld, int64_t r0, int64_t rows, int64_t p0, int64_t kc,
+                 int64_t width, float* out) {
+  for (int64_t s = 0; s < rows; s += width) {
+    const int64_t w_valid = std::min(width, rows - s);
+    float* dst = out + s * kc;
+    for (int64_t w = 0; w < w_valid; ++w) {
+      const float* src = M + (r0 + s + w) * ld + p0;
+      for (int64_t p = 0; p < kc; ++p) dst[p * width + w] = src[p];
+    }
+    for (int64_t w = w_valid; w < width; ++w)
+      for (int64_t p = 0; p < kc; ++p) dst[p * width + w] = 0.0f;
+  }
+}
+
+// C[6 x 16] (+)= a-sliver . b-sliver over kc steps; rows/cols limit what is written.
+__attribute__((target("avx2,fma"))) inline void micro_kernel(int64_t kc, const float* a,
+                                                             const float* b, float* c,
+                                                             int64_t ldc, bool accumulate,
+                                                             int64_t rows, int64_t cols) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < kc; ++p) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    __m256 av = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(av, b0, c00), c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(av, b0, c10), c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(av, b0, c20), c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(av, b0, c30), c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(av, b0, c40), c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(av, b0, c50), c51 = _mm256_fmadd_ps(av, b1, c51);
+    a += kMR;
+    b += kNR;
+  }
+  alignas(32) float tile[kMR * kNR];
+  _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
+  _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
+  _mm256_store_ps(tile + 32, c20), _mm256_store_ps(tile + 40, c21);
+  _mm256_store_ps(tile + 48, c30), _mm256_store_ps(tile + 56, c31);
+  _mm256_store_ps(tile + 64, c40), _mm256_store_ps(tile + 72, c41);
+  _mm256_store_ps(tile + 80, c50), _mm256_store_ps(tile + 88, c51);
+  if (rows == kMR && cols == kNR) {
+    for (int64_t r = 0; r < kMR; ++r) {
+      float* cr = c + r * ldc;
+      __m256 lo = _mm256_load_ps(tile + r * kNR), hi = _mm256_load_ps(tile + r * kNR + 8);
+      if (accumulate) {
+        lo = _mm256_add_ps(lo, _mm256_loadu_ps(cr));
+        hi = _mm256_add_ps(hi, _mm256_loadu_ps(cr + 8));
+      }
+      _mm256_storeu_ps(cr, lo), _mm256_storeu_ps(cr + 8, hi);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j)
+      c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r * kNR + j] : tile[r * kNR + j];
+}
+
+#endif  // SLSG_GEMM_AVX2
+
+inline float* aligned(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n + 8) v.resize(n + 8);
+  auto address = reinterpret_cast<std::uintptr_t>(v.data());
+  return v.data() + ((32 - address % 32) % 32) / sizeof(float);
+}
+
+inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// Floats taken by pack_panel(rows, d, width).
+inline int64_t panel_size(int64_t rows, int64_t d, int64_t width) {
+  return round_up(rows, width) * d;
+}
+
+// Rows [0, rows) of M, all d columns, as a panel for nt_packed: for each depth block of
+// kKC columns, slivers of `width` rows (kMR for the A operand, kNR for B). Callers that use
+// a block of rows in many products pack it once.
+inline void pack_panel(const float* M, int64_t ld, int64_t rows, int64_t d, int64_t width,
+                       float* out) {
+#if SLSG_GEMM_AVX2
+  const int64_t rows_pad = round_up(rows, width);
+  for (int64_t p0 = 0; p0 < d; p0 += kKC)
+    pack(M, ld, 0, rows, p0, std::min(kKC, d - p0), width, out + rows_pad * p0);
+#else
+  (void)M, (void)ld, (void)rows, (void)d, (void)width, (void)out;
+#endif
+}
+
+// C[m, n] (row stride ldc) = A . B^T from panels packed by pack_panel (A with kMR, B with
+// kNR, 32-byte aligned). Requires available(). Rows go in blocks of kMC, and each block
+// runs all depth blocks before the next, so its [kMC, n] slice of C stays in L2 while it
+// accumulates (for n up to ~256); B slivers stay in L1 across a block's micro-tiles.
+inline void nt_packed(int64_t m, int64_t n, int64_t d, const float* ap, const float* bp, float* C,
+                      int64_t ldc) {
+#if SLSG_GEMM_AVX2
+  if (d == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
+    return;
+  }
+  const int64_t m_pad = round_up(m, kMR), n_pad = round_up(n, kNR);
+  for (int64_t i0 = 0; i0 < m; i0 += kMC) {
+    const int64_t mc = std::min(kMC, m - i0);
+    for (int64_t p0 = 0; p0 < d; p0 += kKC) {
+      const int64_t kc = std::min(kKC, d - p0);
+      const float* a = ap + m_pad * p0 + i0 * kc;
+      const float* b = bp + n_pad * p0;
+      for (int64_t j = 0; j < n; j += kNR) {
+        const int64_t cols = std::min(kNR, n - j);
+        for (int64_t i = 0; i < mc; i += kMR)
+          micro_kernel(kc, a + i * kc, b + j * kc, C + (i0 + i) * ldc + j, ldc, p0 > 0,
+                       std::min(kMR, mc - i), cols);
+      }
+    }
+  }
+#else
+  (void)m, (void)n, (void)d, (void)ap, (void)bp, (void)C, (void)ldc;
+#endif
+}
+
+}  // namespace gemm
+}  // namespace slsg
