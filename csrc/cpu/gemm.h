@@ -143,8 +143,11 @@ inline void pack_panel(const float* M, int64_t ld, int64_t rows, int64_t d, int6
 // kNR, 32-byte aligned). Requires available(). Rows go in blocks of kMC, and each block
 // runs all depth blocks before the next, so its [kMC, n] slice of C stays in L2 while it
 // accumulates (for n up to ~256); B slivers stay in L1 across a block's micro-tiles.
+// With `symmetric` (A and B the same rows, m == n) only micro-tiles that reach the diagonal
+// or above are computed, and the rest of C is mirrored from them: half the work. The
+// mirrored values are bit-equal to computed ones (the same products in the same order).
 inline void nt_packed(int64_t m, int64_t n, int64_t d, const float* ap, const float* bp, float* C,
-                      int64_t ldc) {
+                      int64_t ldc, bool symmetric = false) {
 #if SLSG_GEMM_AVX2
   if (d == 0) {
     for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
@@ -159,14 +162,19 @@ inline void nt_packed(int64_t m, int64_t n, int64_t d, const float* ap, const fl
       const float* b = bp + n_pad * p0;
       for (int64_t j = 0; j < n; j += kNR) {
         const int64_t cols = std::min(kNR, n - j);
-        for (int64_t i = 0; i < mc; i += kMR)
+        for (int64_t i = 0; i < mc; i += kMR) {
+          if (symmetric && j + kNR <= i0 + i) continue;  // wholly below the diagonal
           micro_kernel(kc, a + i * kc, b + j * kc, C + (i0 + i) * ldc + j, ldc, p0 > 0,
                        std::min(kMR, mc - i), cols);
+        }
       }
     }
   }
+  if (symmetric)
+    for (int64_t r = 1; r < m; ++r)
+      for (int64_t c = 0; c < r; ++c) C[r * ldc + c] = C[c * ldc + r];
 #else
-  (void)m, (void)n, (void)d, (void)ap, (void)bp, (void)C, (void)ldc;
+  (void)m, (void)n, (void)d, (void)ap, (void)bp, (void)C, (void)ldc, (void)symmetric;
 #endif
 }
 
