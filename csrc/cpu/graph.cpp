@@ -8,9 +8,8 @@
 // small sorted list; a threshold guessed from a sample of the nodes lets one vector
 // comparison reject most candidates from the first tile on, and the few nodes whose guess
 // was too high are recomputed exactly at the end. With enough batch items a thread takes
-// whole items (tile by tile over a group of them, so each bias block is read from memory
-// once per group); otherwise tiles run in round-robin rounds (no block twice in a round),
-// so the tiles of a round run in parallel without two threads touching one list.
+// whole items; otherwise tiles run in round-robin rounds (no block twice in a round), so
+// the tiles of a round run in parallel without two threads touching one list.
 //
 // max_relative: forward is row-parallel; backward is parallel over (batch, channel block),
 // so each thread owns the gradient rows it scatters into (no atomics, deterministic).
@@ -36,7 +35,6 @@ namespace slsg {
 namespace {
 
 constexpr int64_t kKnnTile = 256;                    // 256 x 256 floats = 256 KiB: fits L2
-constexpr int64_t kKnnStateBytes = 32 * 1024 * 1024;  // candidate lists of one thread's items in flight
 constexpr double kCosineEps = 1e-12;                  // as F.normalize
 
 template <typename acc_t>
@@ -235,12 +233,6 @@ struct PackedBlocks {
   float* b = nullptr;
   int64_t a_stride = 0, b_stride = 0;
 
-  static int64_t bytes(int64_t N, int64_t C) {
-    const int64_t nb = (N + kKnnTile - 1) / kKnnTile;
-    return nb * (gemm::panel_size(kKnnTile, C, gemm::kMR) + gemm::panel_size(kKnnTile, C, gemm::kNR)) *
-           static_cast<int64_t>(sizeof(float));
-  }
-
   template <typename acc_t>
   void pack(const at::Tensor& xb) {
     if (!std::is_same_v<acc_t, float> || !gemm::available()) return;
@@ -408,39 +400,27 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
 
   if (B >= at::get_num_threads()) {
     // Enough batch items to keep every thread busy: a thread takes whole items (one
-    // parallel region, no barriers between tiles). It runs each tile for a group of its
-    // items in turn, so the tile's bias block comes from DRAM once per group, not per item.
+    // parallel region, no barriers between tiles). Running a tile for several items in
+    // turn (to read each bias block once per group) was tried: the larger working set
+    // cost more than it saved (benchmark, 14:25 UTC).
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      const int64_t item_bytes = N * span * static_cast<int64_t>(sizeof(Candidate<acc_t>)) +
-                                 PackedBlocks::bytes(N, xn.size(2));
-      const int64_t group = std::clamp<int64_t>(kKnnStateBytes / item_bytes, 1, end - begin);
       // Not zero-filled (sizes say what is valid): a memset of it showed in profiles.
-      std::unique_ptr<Candidate<acc_t>[]> items(new Candidate<acc_t>[group * N * span]);
-      std::vector<int64_t> sizes(group * N);
-      std::vector<acc_t> floors(group * N);
-      std::vector<PackedBlocks> packed(group);
-      std::vector<at::Tensor> xs(group);
+      std::unique_ptr<Candidate<acc_t>[]> items(new Candidate<acc_t>[N * span]);
+      std::vector<int64_t> sizes(N);
+      std::vector<acc_t> floors(N);
+      PackedBlocks packed;
       TileBuffers<acc_t> buffers(xn.options(), span);
-      for (int64_t g0 = begin; g0 < end; g0 += group) {
-        const int64_t count = std::min(group, end - g0);
+      for (int64_t b = begin; b < end; ++b) {
         std::fill(sizes.begin(), sizes.end(), 0);
-        for (int64_t t = 0; t < count; ++t) {
-          xs[t] = xn[g0 + t];
-          packed[t].pack<acc_t>(xs[t]);
-          knn_floors<acc_t>(xs[t], sample, span, include_self, floors.data() + t * N);
-        }
+        const at::Tensor xb = xn[b];
+        packed.pack<acc_t>(xb);
+        knn_floors<acc_t>(xb, sample, span, include_self, floors.data());
         for (const auto& round : rounds)
           for (const auto& [I, J] : round)
-            for (int64_t t = 0; t < count; ++t)
-              knn_tile<acc_t>(xs[t], bias_data, N, I, J, include_self, floors.data() + t * N,
-                              items.get() + t * N * span, sizes.data() + t * N, span,
-                              packed[t], buffers);
-        for (int64_t t = 0; t < count; ++t) {
-          knn_refill<acc_t>(xs[t], bias_data, span, include_self, items.get() + t * N * span,
-                            sizes.data() + t * N, 0, N);
-          knn_emit<acc_t>(items.get() + t * N * span, N, span, k, dilation,
-                          out_data + (g0 + t) * N * k);
-        }
+            knn_tile<acc_t>(xb, bias_data, N, I, J, include_self, floors.data(), items.get(),
+                            sizes.data(), span, packed, buffers);
+        knn_refill<acc_t>(xb, bias_data, span, include_self, items.get(), sizes.data(), 0, N);
+        knn_emit<acc_t>(items.get(), N, span, k, dilation, out_data + b * N * k);
       }
     });
     return;
