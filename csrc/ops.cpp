@@ -2,6 +2,10 @@
 // fake (meta) kernels and autograd formulas in slsg/ops/*.py.
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/gemm.h"
+
 TORCH_LIBRARY(slsg, m) {
   // k smallest values over j of ||x_i - c_j||^2 - r_j^2, ascending, ties -> lowest j.
   m.def("sphere_distance(Tensor x, Tensor centers, Tensor? radii, int k) -> (Tensor, Tensor)");
@@ -29,4 +33,6 @@ TORCH_LIBRARY(slsg, m) {
   m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor? bias, Tensor out, Tensor lse, float scale, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Which matrix product the CPU scoring and kNN kernels use: "avx2" (ours) or "blas".
+  m.def("cpu_gemm() -> str", []() -> std::string { return slsg::gemm::available() ? "avx2" : "blas"; });
 }

@@ -77,6 +77,7 @@ class BackendInfo:
     name: str  # "extension" or "reference"
     devices: tuple[str, ...]  # devices the extension has kernels for
     reason: str | None = None  # why the extension is not in use
+    cpu_gemm: str | None = None  # matrix product of the CPU kernels: "avx2" (ours) or "blas"
 
     def __str__(self) -> str:
         if self.name == "extension":
@@ -89,4 +90,4 @@ def backend() -> BackendInfo:
     if not EXTENSION_LOADED:
         return BackendInfo("reference", (), _LOAD_ERROR)
     devices = tuple(d for d in ("cpu", "cuda") if all(has_kernel(op, d) for op in OPS))
-    return BackendInfo("extension", devices)
+    return BackendInfo("extension", devices, cpu_gemm=str(torch.ops.slsg.cpu_gemm()))

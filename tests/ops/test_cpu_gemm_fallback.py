@@ -1,0 +1,48 @@
+"""The CPU kernels' BLAS path (CPUs without AVX2/FMA, forced here with SLSG_CPU_GEMM=blas)
+must give what the AVX2 micro-kernel path and the references give. Runs in a subprocess:
+the switch is read once per process."""
+import os
+import subprocess
+import sys
+import textwrap
+
+from .helpers import needs_extension
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch
+    import slsg
+    from slsg import ops
+    from slsg.ops import graph_reference, reference
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(130, 517, generator=g), torch.randn(1000, 517, generator=g)
+    r = torch.rand(1000, generator=g)
+    d, i = ops.sphere_distance(x, c, r, k=3)
+    d_ref, i_ref = reference.sphere_distance(x, c, r, k=3)
+    torch.testing.assert_close(d, d_ref, rtol=1e-4, atol=1e-3)
+    nodes = torch.randn(2, 600, 40, generator=g)
+    bias = 0.1 * torch.randn(600, 600, generator=g)
+    for b in (None, bias):
+        got = ops.knn_graph(nodes, 5, 2, b)
+        want = graph_reference.knn_graph(nodes.double(), 5, 2, None if b is None else b.double())
+        xn = torch.nn.functional.normalize(nodes.double(), dim=-1)
+        sim = xn @ xn.transpose(1, 2) + (0 if b is None else b.double())
+        torch.testing.assert_close(sim.gather(2, got), sim.gather(2, want), atol=1e-5, rtol=0)
+    print("ok", d.sum().item(), slsg.ops.backend().cpu_gemm)
+    """
+)
+
+
+def run(gemm):
+    env = dict(os.environ, SLSG_CPU_GEMM=gemm)
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.split()
+
+
+@needs_extension
+def test_blas_path_matches_kernel_path_and_reference():
+    blas, own = run("blas"), run("auto")
+    assert blas[0] == own[0] == "ok"
+    assert blas[2] == "blas" and own[2] in ("avx2", "blas")  # "blas" on CPUs without AVX2/FMA
+    assert abs(float(blas[1]) - float(own[1])) <= 1e-3 * abs(float(own[1]))
