@@ -12,7 +12,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -45,15 +44,15 @@ inline bool available() {
 
 #if SLSG_GEMM_AVX2
 
-// Rows [r0, r0 + rows) of M (leading dimension ld), depth [p0, p0 + kc), into slivers of
-// `width` rows: out[s][p][w] = M[r0 + s * width + w][p0 + p], zero beyond the last row.
-inline void pack(const float* M, int64_t ld, int64_t r0, int64_t rows, int64_t p0, int64_t kc,
-                 int64_t width, float* out) {
+// Rows [0, rows) of M (leading dimension ld), depth [p0, p0 + kc), into slivers of
+// `width` rows: out[s][p][w] = M[s * width + w][p0 + p], zero beyond the last row.
+inline void pack(const float* M, int64_t ld, int64_t rows, int64_t p0, int64_t kc, int64_t width,
+                 float* out) {
   for (int64_t s = 0; s < rows; s += width) {
     const int64_t w_valid = std::min(width, rows - s);
     float* dst = out + s * kc;
     for (int64_t w = 0; w < w_valid; ++w) {
-      const float* src = M + (r0 + s + w) * ld + p0;
+      const float* src = M + (s + w) * ld + p0;
       for (int64_t p = 0; p < kc; ++p) dst[p * width + w] = src[p];
     }
     for (int64_t w = w_valid; w < width; ++w)
@@ -137,7 +136,7 @@ inline void pack_panel(const float* M, int64_t ld, int64_t rows, int64_t d, int6
 #if SLSG_GEMM_AVX2
   const int64_t rows_pad = round_up(rows, width);
   for (int64_t p0 = 0; p0 < d; p0 += kKC)
-    pack(M, ld, 0, rows, p0, std::min(kKC, d - p0), width, out + rows_pad * p0);
+    pack(M, ld, rows, p0, std::min(kKC, d - p0), width, out + rows_pad * p0);
 #else
   (void)M, (void)ld, (void)rows, (void)d, (void)width, (void)out;
 #endif

@@ -118,9 +118,8 @@ int64_t gather_at_least(const acc_t* values, const acc_t* bias, int64_t count, a
 // When more than `capacity` survive, the capacity-th best value is found on a plain float
 // copy (`cut`, room for count values: one compare per step, several times faster than
 // ordering the pairs, profiled), and only values above it, plus ties at it in node order,
-// are kept. These are sorted and merged with the list in one pass. `floor` is a lower
-// bound of the node's capacity-th best value (see knn_floors): candidates below it cannot
-// make the list.
+// are kept. These are sorted and merged with the list in one pass. Candidates below
+// `floor`, the node's guessed threshold (see knn_floors), are rejected outright.
 template <typename acc_t>
 int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
                          const acc_t* values, const acc_t* bias, int64_t first, int64_t count,
@@ -300,7 +299,6 @@ void knn_tile(const at::Tensor& xb, const acc_t* bias, int64_t N, int64_t I, int
 // Empty for small graphs, which skip the floors. Golden-ratio steps through the node order
 // spread the sample over both axes of an image grid (a plain stride can hit a few columns
 // only, and the bias is often spatial).
-template <typename acc_t>
 struct FloorSample {
   std::vector<int64_t> nodes;
   at::Tensor nodes_t, bias;  // bias undefined without a bias
@@ -313,7 +311,7 @@ struct FloorSample {
     nodes.resize(samples);
     for (int64_t t = 0; t < samples; ++t) nodes[t] = (t * step) % N;
     std::sort(nodes.begin(), nodes.end());
-    nodes_t = at::from_blob(nodes.data(), {samples}, at::kLong);
+    nodes_t = at::tensor(nodes, at::kLong);
     if (full_bias.defined()) bias = full_bias.index_select(1, nodes_t).contiguous();
   }
 };
@@ -328,7 +326,7 @@ struct FloorSample {
 // (knn_refill), so the result stays exact. The margin covers the rounding difference
 // between this GEMM and the tiles'.
 template <typename acc_t>
-void knn_floors(const at::Tensor& xb, const FloorSample<acc_t>& sample, int64_t span,
+void knn_floors(const at::Tensor& xb, const FloorSample& sample, int64_t span,
                 bool include_self, acc_t* floors) {
   const int64_t N = xb.size(0), samples = static_cast<int64_t>(sample.nodes.size());
   if (samples == 0) {
@@ -396,7 +394,7 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
   const auto rounds = tile_rounds(nb);
   const acc_t* bias_data = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
   int64_t* out_data = out.data_ptr<int64_t>();
-  const FloorSample<acc_t> sample(N, span, bias);
+  const FloorSample sample(N, span, bias);
 
   if (B >= at::get_num_threads()) {
     // Enough batch items to keep every thread busy: a thread takes whole items (one
@@ -434,8 +432,8 @@ void knn_graph_kernel(const at::Tensor& xn, const at::Tensor& bias, int64_t k, i
   for (int64_t b = 0; b < B; ++b) {
     std::fill(sizes.begin(), sizes.end(), 0);
     const at::Tensor xb = xn[b];
-    knn_floors<acc_t>(xb, sample, span, include_self, floors.data());
     packed.pack<acc_t>(xb);
+    knn_floors<acc_t>(xb, sample, span, include_self, floors.data());
     for (const auto& round : rounds) {
       at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t begin, int64_t end) {
         TileBuffers<acc_t> buffers(xn.options(), span);
