@@ -17,11 +17,9 @@ Variants:
 - layer rows: slsg.nn.SelfAttentiveGraphConv with backend="extension" or "reference".
 
 Peak memory: benchmarks/memory.py (peak RSS above the RSS before the call, via
-/proc/self/clear_refs and VmHWM). glibc is told to serve every allocation of 128 KiB and
-more with mmap, so freed tensors go back to the OS at once and cannot hide a later
-allocation inside memory the process already held.
+/proc/self/clear_refs and VmHWM, in an untimed call with an allocator that returns freed
+memory to the OS at once; the timed calls run with glibc's steady-state thresholds).
 """
-import ctypes
 import math
 import zlib
 
@@ -35,11 +33,6 @@ from slsg.nn.position import relative_position_similarity
 from slsg.ops import graph_reference
 
 from .memory import bench_once
-
-try:  # honest peak-RSS numbers need freed memory returned to the OS (see docstring)
-    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; fixes it, no dynamic growth
-except (OSError, AttributeError):
-    pass
 
 try:
     from torch_geometric.utils import scatter as pyg_scatter

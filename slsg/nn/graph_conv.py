@@ -9,6 +9,7 @@ from torch import nn
 
 from slsg import ops
 
+from .pointwise import PointwiseConv2d
 from .position import relative_position_similarity
 
 SPARSE_AGGREGATIONS = ("max_relative", "attention")
@@ -85,13 +86,13 @@ class SelfAttentiveGraphConv(nn.Module):
         self.backend = backend
         self.position_dim = max(4, proj_channels - proj_channels % 4)
 
-        self.query_key = nn.Sequential(nn.Conv2d(channels, proj_channels, 1, bias=False), nn.BatchNorm2d(proj_channels))
+        self.query_key = nn.Sequential(PointwiseConv2d(channels, proj_channels, bias=False), nn.BatchNorm2d(proj_channels))
         self.value = nn.Conv2d(channels, value_channels, 3, padding=1)
-        self.dense_out = nn.Conv2d(value_channels, channels, 1)
+        self.dense_out = PointwiseConv2d(value_channels, channels)
         self.fuse = nn.Sequential(
-            nn.Conv2d(2 * channels, 2 * channels, 1, groups=groups, bias=False), nn.BatchNorm2d(2 * channels), nn.GELU()
+            PointwiseConv2d(2 * channels, 2 * channels, groups=groups, bias=False), nn.BatchNorm2d(2 * channels), nn.GELU()
         )
-        self.project = nn.Sequential(nn.Conv2d(2 * channels, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.project = nn.Sequential(PointwiseConv2d(2 * channels, channels, bias=False), nn.BatchNorm2d(channels))
         self._position_cache: dict[tuple, torch.Tensor] = {}
 
     def extra_repr(self) -> str:

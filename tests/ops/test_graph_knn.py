@@ -167,6 +167,21 @@ def test_many_tiles_and_batch_items_agree_with_reference():
 
 
 @needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_ties_across_tiles_go_to_lowest_index(dtype):
+    # 700 nodes drawn from 5 one-hot vectors: each node has about 140 exact ties (cosine 1),
+    # spread over three tiles, more than a node's candidate buffer holds, so the kernel
+    # must cut among equal values, from tiles visited out of node order, by index.
+    g = generator(11)
+    labels = torch.randint(0, 5, (3, 700), generator=g)
+    x = torch.eye(5, dtype=dtype)[labels]
+    for xs in (x[:1], x):  # tile-parallel and item-parallel paths
+        for include_self in (True, False):
+            expected = graph_reference.knn_graph(xs, 9, 3, None, include_self)
+            assert torch.equal(ops.knn_graph(xs, 9, 3, None, include_self), expected)
+
+
+@needs_extension
 @pytest.mark.parametrize("include_self", [True, False])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_large_graphs_with_a_position_bias_agree_with_reference(include_self, sign):
