@@ -46,8 +46,8 @@ HEADS = [1, 8]
 
 
 def rounds_for(work: float) -> int:
-    """Timed rounds (plus one warm-up when more than one): fewer for the big cases so the
-    whole file runs in about 4 minutes on 2 cores."""
+    """Timed rounds (after one untimed call that measures memory, when more than one):
+    fewer for the big cases so the whole file runs in about 4 minutes on 2 cores."""
     return 5 if work < 2e8 else 3 if work < 2e9 else 2 if work < 1e11 else 1
 
 
