@@ -64,6 +64,12 @@ inline void check_graph_index(const char* op, const at::Tensor& index, int64_t B
   }
 }
 
+// For tensors whose dtype may differ from ref's (gradients, saved statistics).
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " on ", t.device(), ", expected ",
+              ref.device());
+}
+
 inline void check_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
               ", expected ", ref.scalar_type());

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -23,9 +24,16 @@ struct Best {
   int64_t index = -1;
 };
 
+// float64 stays as it is (through float it would lose digits and overflow above 3.4e38);
+// the other types are exact in float first (half, bfloat16 and int8 have no direct double
+// conversion on every compiler).
 template <typename scalar_t>
 inline double to_double(scalar_t v) {
-  return static_cast<double>(static_cast<float>(v));
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return v;
+  } else {
+    return static_cast<double>(static_cast<float>(v));
+  }
 }
 
 // Four independent accumulators break the add dependency chain and let the compiler

@@ -184,6 +184,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_graph_attentio
   TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q.size(0) && lse_in.size(1) == q.size(1) &&
                   lse_in.size(2) == q.size(2),
               "sparse_graph_attention_backward: lse must be [B, H, N], got ", lse_in.sizes());
+  check_same_device("sparse_graph_attention_backward", "grad_out", grad_out_in, q_in);
+  check_same_device("sparse_graph_attention_backward", "lse", lse_in, q_in);
   const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.to(q.scalar_type()).contiguous();
   const at::Tensor index = index_in.contiguous();
@@ -505,6 +507,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
               grad_out_in.sizes(), " and ", out_in.sizes());
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}),
               "dense_graph_attention_backward: lse must be [B, H, Nq], got ", lse_in.sizes());
+  check_same_device("dense_graph_attention_backward", "grad_out", grad_out_in, q_in);
+  check_same_device("dense_graph_attention_backward", "out", out_in, q_in);
+  check_same_device("dense_graph_attention_backward", "lse", lse_in, q_in);
   const auto dtype = q_in.scalar_type();
   const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
   const at::Tensor dout = grad_out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});

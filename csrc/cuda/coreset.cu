@@ -9,10 +9,22 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 
 namespace slsg {
 namespace {
+
+// float64 as it is; the other types through float (half and bfloat16 convert to float).
+template <typename scalar_t>
+__device__ __forceinline__ double to_double(scalar_t v) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    return v;
+  } else {
+    return static_cast<double>(static_cast<float>(v));
+  }
+}
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -51,10 +63,9 @@ __global__ void update_kernel(const scalar_t* __restrict__ x, int64_t N, int64_t
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp; row < N; row += total_warps) {
     double s = 0.0;
     for (int64_t d = lane; d < D; d += 32) {
-      // Exact for int8 (integers) and float inputs alike: differences of float32 values
-      // are exact in double.
-      const double diff = static_cast<double>(static_cast<float>(x[row * D + d])) -
-                          static_cast<double>(static_cast<float>(center[d]));
+      // Exact for int8 (integers) and float32 inputs alike: differences of float32 values
+      // are exact in double. float64 is read as it is.
+      const double diff = to_double(x[row * D + d]) - to_double(center[d]);
       s += diff * diff;
     }
     for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffff, s, offset);

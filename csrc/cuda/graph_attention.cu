@@ -196,6 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_graph_attentio
               "sparse_graph_attention_backward: grad_out must be [B, H, N, Dv], got ", grad_out_in.sizes());
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, N}),
               "sparse_graph_attention_backward: lse must be [B, H, N], got ", lse_in.sizes());
+  check_same_device("sparse_graph_attention_backward", "grad_out", grad_out_in, q_in);
+  check_same_device("sparse_graph_attention_backward", "lse", lse_in, q_in);
   const auto dtype = q_in.scalar_type();
   const auto acc = accumulation_type(dtype);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -272,8 +274,9 @@ __global__ void dense_forward_kernel(const scalar_t* __restrict__ q, const scala
   __shared__ acc_t vecs[kWarps][kDChunk];
   __shared__ acc_t vtile[kTile][W];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, h = bh % H;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t row_blocks = (Nq + kWarps - 1) / kWarps;  // see dense_grid
+  const int64_t bh = blockIdx.x / row_blocks, h = bh % H;
+  const int64_t i = static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps + warp;
   const bool active = i < Nq;  // uniform per warp
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * W;
   const scalar_t* qi = active ? q + (bh * Nq + i) * D : nullptr;
@@ -332,8 +335,9 @@ __global__ void dense_backward_query_kernel(
   __shared__ acc_t vecs[kWarps][kDChunk];
   __shared__ acc_t ktile[kTile][W];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, h = bh % H;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t row_blocks = (Nq + kWarps - 1) / kWarps;  // see dense_grid
+  const int64_t bh = blockIdx.x / row_blocks, h = bh % H;
+  const int64_t i = static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps + warp;
   const bool active = i < Nq;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * W;
   const int64_t r = bh * Nq + i;
@@ -341,7 +345,9 @@ __global__ void dense_backward_query_kernel(
   const scalar_t* doi = active ? grad_out + r * Dv : nullptr;
   const scalar_t* kb = k + bh * Nk * D;
   const scalar_t* vb = v + bh * Nk * Dv;
-  const acc_t row_lse = active ? lse[r] : acc_t(0), Di = active ? row_dot[r] : acc_t(0);
+  // A fully masked row has lse = -inf: shift by 0 there, so its P is 0 as on the CPU.
+  const acc_t row_lse = active && lse[r] != neg_inf<acc_t>() ? lse[r] : acc_t(0);
+  const acc_t Di = active ? row_dot[r] : acc_t(0);
   acc_t acc[V];
 #pragma unroll
   for (int u = 0; u < V; ++u) acc[u] = 0;
@@ -355,7 +361,7 @@ __global__ void dense_backward_query_kernel(
       acc_t ds = 0;
       if (lane < nk) {
         s = s * scale + (bias ? to_acc<acc_t>(bias[(h * Nq + i) * Nk + k0 + lane]) : acc_t(0));
-        ds = exp(s - row_lse) * (dp - Di);
+        ds = exp_shifted(s, row_lse) * (dp - Di);
         if (gbias && blockIdx.z == 0) atomicAdd(gbias + (h * Nq + i) * Nk + k0 + lane, ds);
       }
       for (int t = 0; t < nk; ++t) {
@@ -388,8 +394,9 @@ __global__ void dense_backward_key_kernel(
   __shared__ acc_t qtile[kTile][W];
   __shared__ acc_t dotile[kTile][W];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.y, h = bh % H;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  const int64_t row_blocks = (Nk + kWarps - 1) / kWarps;  // see dense_grid
+  const int64_t bh = blockIdx.x / row_blocks, h = bh % H;
+  const int64_t j = static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps + warp;
   const bool active = j < Nk;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * W;
   const scalar_t* kj = active ? k + (bh * Nk + j) * D : nullptr;
@@ -411,7 +418,8 @@ __global__ void dense_backward_key_kernel(
       if (lane < ni) {
         const int64_t i = i0 + lane;
         s = s * scale + (bias ? to_acc<acc_t>(bias[(h * Nq + i) * Nk + j]) : acc_t(0));
-        p = exp(s - lse[bh * Nq + i]);
+        const acc_t row_lse = lse[bh * Nq + i];  // -inf for a fully masked row: P = 0 there
+        p = exp_shifted(s, row_lse == neg_inf<acc_t>() ? acc_t(0) : row_lse);
         ds = p * (dp - row_dot[bh * Nq + i]);
       }
       for (int t = 0; t < ni; ++t) {
@@ -434,9 +442,14 @@ __global__ void dense_backward_key_kernel(
   }
 }
 
+// Grid of the dense kernels: x enumerates (b * h, block of kWarps rows) pairs, row blocks
+// fastest (neighbouring blocks read the same K and V, which stay in L2), z the feature
+// slices. Folding b * h into x keeps it clear of gridDim.y's limit of 65535.
 dim3 dense_grid(int64_t rows, int64_t BH, unsigned slices) {
-  TORCH_CHECK(BH <= 65535, "dense_graph_attention on CUDA: B * H must be <= 65535, got ", BH);
-  return dim3(warp_blocks(rows), static_cast<unsigned>(BH), std::max(1u, slices));
+  const int64_t blocks = static_cast<int64_t>(warp_blocks(rows)) * BH;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "dense_graph_attention on CUDA: B * H * ceil(N / ", kWarps, ") must be < 2^31, got ", blocks);
+  return dim3(static_cast<unsigned>(blocks), 1, std::max(1u, slices));
 }
 
 std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cuda(const at::Tensor& q_in,
@@ -488,6 +501,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
               grad_out_in.sizes(), " and ", out_in.sizes());
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}),
               "dense_graph_attention_backward: lse must be [B, H, Nq], got ", lse_in.sizes());
+  check_same_device("dense_graph_attention_backward", "grad_out", grad_out_in, q_in);
+  check_same_device("dense_graph_attention_backward", "out", out_in, q_in);
+  check_same_device("dense_graph_attention_backward", "lse", lse_in, q_in);
   const auto dtype = q_in.scalar_type();
   const auto acc = accumulation_type(dtype);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();

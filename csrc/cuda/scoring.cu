@@ -71,6 +71,7 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cuda(const at::Tensor& x_in,
   at::Tensor radius_sq;
   if (radii.has_value()) {
     radius_sq = radii->to(acc).contiguous().square();
+    TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf");
     center_offset = center_offset - radius_sq;
   }
 

@@ -108,3 +108,15 @@ def test_nan_rejected_opcheck_compile():
     fn = torch.compile(lambda t: torch.ops.slsg.greedy_coreset(t, 6, 1) + 0, fullgraph=True, backend="aot_eager")
     t = torch.randn(40, 3)
     assert fn(t).tolist() == reference.greedy_coreset(t, 6, 1).tolist()
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_float64_keeps_its_precision(device):
+    # Rows 1 and 2 differ by 1e-12: equal in float32, distinct in float64. The kernel must
+    # see them as the reference does (it once read float64 through float32).
+    x = torch.tensor([[0.0], [1.0], [1.0 + 1e-12]], dtype=torch.float64, device=device)
+    assert torch.ops.slsg.greedy_coreset(x, 2, 0).tolist() == reference.greedy_coreset(x, 2, 0).tolist() == [0, 2]
+    # Beyond float32's range, but finite in float64.
+    big = torch.tensor([[0.0], [1e39], [2e39]], dtype=torch.float64, device=device)
+    assert torch.ops.slsg.greedy_coreset(big, 3, 0).tolist() == reference.greedy_coreset(big, 3, 0).tolist()

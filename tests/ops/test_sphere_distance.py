@@ -107,13 +107,18 @@ def test_bad_input_names_the_problem(args, kwargs, match):
 
 
 @needs_extension
-def test_non_finite_input_is_rejected():
-    x = torch.randn(3, 4)
+@pytest.mark.parametrize("device", devices())
+def test_non_finite_input_is_rejected(device):
+    x = torch.randn(3, 4, device=device)
     x[1, 2] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or Inf"):
-        ops.sphere_distance(x, torch.randn(5, 4))
+        ops.sphere_distance(x, torch.randn(5, 4, device=device))
     with pytest.raises(RuntimeError, match="NaN or Inf"):
-        ops.sphere_distance(torch.randn(3, 4), torch.full((5, 4), float("inf")))
+        ops.sphere_distance(torch.randn(3, 4, device=device), torch.full((5, 4), float("inf"), device=device))
+    radii = torch.ones(5, device=device)
+    radii[3] = float("nan")
+    with pytest.raises(RuntimeError, match="radii contain NaN or Inf"):
+        ops.sphere_distance(torch.randn(3, 4, device=device), torch.randn(5, 4, device=device), radii)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to test device mismatch")
