@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,19 @@ class IndexConfig:
     m: int | None = None  # PQ sub-quantisers; default D/8 rounded to a divisor of D
     nbits: int = 8
     nprobe: int = 16
+
+    def __post_init__(self) -> None:
+        # faiss takes these unchecked: nbits = 0 crashed the process in a test.
+        if self.kind not in INDEX_TYPES:
+            raise ValueError(f"IndexConfig: kind must be one of {INDEX_TYPES}, got {self.kind!r}")
+        for name, low, high, optional in (("nlist", 1, 1 << 24, True), ("m", 1, 1 << 16, True),
+                                          ("nbits", 1, 16, False), ("nprobe", 1, 1 << 24, False)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"IndexConfig: {name} must be an int in [{low}, {high}]"
+                                 f"{' or None' if optional else ''}, got {value!r}")
 
 
 def _faiss():
@@ -67,9 +81,15 @@ class MemoryBank:
             raise ValueError("MemoryBank: features contain NaN or Inf")
         if backend not in BACKENDS:
             raise ValueError(f"MemoryBank: backend must be one of {BACKENDS}, got {backend!r}")
+        if isinstance(index, str) and index not in INDEX_TYPES:
+            raise ValueError(f"MemoryBank: index must be one of {INDEX_TYPES}, got {index!r}")
+        if not isinstance(index, (str, IndexConfig)):
+            raise TypeError(f"MemoryBank: index must be a str or IndexConfig, got {type(index).__name__}")
         self.index_config = IndexConfig(kind=index) if isinstance(index, str) else index
-        if self.index_config.kind not in INDEX_TYPES:
-            raise ValueError(f"MemoryBank: index must be one of {INDEX_TYPES}, got {self.index_config.kind!r}")
+        minimum = 1 << min(self.index_config.nbits, 4)  # PQ training: one point per code at least
+        if self.index_config.kind == "ivfpq" and features.shape[0] < minimum:
+            raise ValueError(f"MemoryBank: index 'ivfpq' needs at least {minimum} features to train, got "
+                             f"{features.shape[0]}; use index='flat' (exact) for small banks")
         self.features = features.detach().to(device=device, dtype=torch.float32).contiguous()
         self.backend = backend
         self._faiss_index = None
@@ -120,6 +140,9 @@ class MemoryBank:
         if approximate and backend != "faiss":
             raise ValueError(f"MemoryBank: index {self.index_config.kind!r} is searched with backend 'faiss', not {backend!r}")
         x = x.detach().to(device=self.features.device, dtype=torch.float32)
+        # Every backend rejects them alike (faiss would return index -1, torch NaN).
+        if not torch.isfinite(x).all():
+            raise ValueError("MemoryBank.search: queries contain NaN or Inf")
         if backend == "kernel":
             return ops.sphere_distance(x, self.features, k=k)
         if backend == "torch":
@@ -130,6 +153,11 @@ class MemoryBank:
     def _faiss_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._get_faiss_index()
         dist, idx = index.search(np.ascontiguousarray(x.cpu().numpy()), k)
+        missing = int((idx < 0).any(axis=1).sum())
+        if missing:  # IVF: the probed cells held fewer than k vectors (index -1 would pass as the last row)
+            raise ValueError(f"MemoryBank.search: the ivfpq index found fewer than k={k} neighbours for "
+                             f"{missing} of {len(idx)} queries; raise IndexConfig.nprobe "
+                             f"(now {self.index_config.nprobe}) or lower k")
         dist_t = torch.from_numpy(dist).clamp_min_(0).to(x.device)
         return dist_t, torch.from_numpy(idx).to(device=x.device, dtype=torch.long)
 
@@ -187,18 +215,32 @@ class MemoryBank:
         path = _bank_file(path)
         if not path.is_file():
             raise FileNotFoundError(f"MemoryBank.load: no memory bank at {path}")
+        invalid = f"MemoryBank.load: {path} is not a valid memory bank file"
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(bytes(data["meta"]).decode())
                 features = torch.from_numpy(data["features"].copy())
                 serialized = data["faiss_index"].copy() if "faiss_index" in data else None
-        except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"MemoryBank.load: {path} is not a valid memory bank file ({exc})") from exc
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
+            raise ValueError(f"{invalid} ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(meta, dict):
+            raise ValueError(f"{invalid} (its metadata is not a JSON object)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"MemoryBank.load: {path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        bank = cls(features, backend=meta["backend"], index=IndexConfig(**meta["index"]), device=device)
+        try:
+            if not isinstance(meta.get("index"), dict):
+                raise ValueError("no index settings")
+            bank = cls(features, backend=meta.get("backend"), index=IndexConfig(**meta["index"]), device=device)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{invalid} ({exc})") from exc
         if serialized is not None:
-            index = _faiss().deserialize_index(serialized)
+            try:
+                index = _faiss().deserialize_index(serialized)
+            except RuntimeError as exc:
+                raise ValueError(f"{invalid} (its faiss index does not deserialise: {exc})") from exc
+            if index.d != bank.dim or index.ntotal != len(bank):
+                raise ValueError(f"{invalid} (its faiss index holds {index.ntotal} x {index.d}, "
+                                 f"the features {len(bank)} x {bank.dim})")
             bank._faiss_index = _to_faiss_gpu(index) if bank.features.is_cuda else index
         return bank
 

@@ -101,3 +101,51 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="not a valid memory bank"):
         MemoryBank.load(bad)
+
+
+@pytest.mark.parametrize("kwargs", [dict(nbits=0), dict(nbits=17), dict(nprobe=0), dict(nlist=-3), dict(m=0),
+                                    dict(nprobe=True), dict(nbits=8.0), dict(kind="hnsw")])
+def test_index_config_is_validated(kwargs):
+    # faiss takes these unchecked (nbits=0 crashed the process).
+    with pytest.raises(ValueError, match="IndexConfig"):
+        IndexConfig(**({"kind": "ivfpq"} | kwargs))
+
+
+def test_ivfpq_needs_enough_features_and_reports_short_results():
+    g = torch.Generator().manual_seed(3)
+    with pytest.raises(ValueError, match="at least 16 features"):
+        MemoryBank(torch.randn(10, 16, generator=g), index="ivfpq")
+    bank = MemoryBank(torch.randn(4000, 16, generator=g), index=IndexConfig("ivfpq", nprobe=1))
+    # One probed cell holds far fewer than 1000 vectors: faiss pads with index -1.
+    with pytest.raises(ValueError, match="fewer than k=1000 neighbours"):
+        bank.search(torch.randn(5, 16, generator=g), 1000)
+
+
+@pytest.mark.parametrize("backend", ["kernel", "faiss", "torch"])
+def test_non_finite_queries_are_rejected_by_every_backend(data, backend):
+    features, queries = data
+    queries = queries.clone()
+    queries[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="queries contain NaN or Inf"):
+        MemoryBank(features).search(queries, 1, backend=backend)
+
+
+def test_broken_files_name_the_file(tmp_path, data):
+    import json
+    import zipfile
+
+    path = MemoryBank(data[0][:100]).save(tmp_path / "bank.npz")
+    raw = path.read_bytes()
+    cases = {"truncated.npz": raw[: len(raw) // 2], "empty.npz": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"{name} is not a valid memory bank"):
+            MemoryBank.load(tmp_path / name)
+    for meta in ([1, 2], {"format_version": 1, "backend": "auto", "index": {"kind": "flat", "colour": 1}},
+                 {"format_version": 1, "index": {"kind": "flat"}}):
+        with zipfile.ZipFile(tmp_path / "tampered.npz", "w") as z:  # np.savez's layout
+            with np.load(path) as original:
+                np.save(z.open("features.npy", "w"), original["features"])
+            np.save(z.open("meta.npy", "w"), np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        with pytest.raises(ValueError, match="tampered.npz is not a valid memory bank"):
+            MemoryBank.load(tmp_path / "tampered.npz")

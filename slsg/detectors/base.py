@@ -106,7 +106,12 @@ def check_image_batch(images: Any) -> torch.Tensor:
         raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"images is an empty batch (shape {tuple(images.shape)})")
+    images = images.float()  # the model computes in float32, whatever the input precision
     if images.numel():
+        if not torch.isfinite(images).all():
+            raise ValueError("images contain NaN or Inf")
         low, high = torch.aminmax(images)
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(f"images must lie in [0, 1], got values in [{low:.3g}, {high:.3g}] "
@@ -203,6 +208,8 @@ class Detector(ABC):
         different sizes (one call per run of equal sizes; then one map [H_i, W_i] per image)."""
         if isinstance(images, torch.Tensor):
             return self.predict(images)
+        if len(images) == 0:
+            raise ValueError("predict_each: no images (an empty list)")
         scores: list[torch.Tensor] = []
         maps: list[torch.Tensor] = []
         start = 0
@@ -233,7 +240,8 @@ class Detector(ABC):
     def classify(self, scores: torch.Tensor) -> torch.Tensor:
         """Boolean decisions for image scores, using the threshold stored with the model."""
         if self.image_threshold is None:
-            raise RuntimeError("this detector has no threshold yet (fit it first)")
+            raise RuntimeError("this detector has no image threshold: fit it first, holding out normal "
+                               "images to set one (calibration_ratio > 0 and at least 2 training images)")
         return scores >= self.image_threshold
 
     # ------------------------------------------------------------------ persistence
@@ -242,7 +250,10 @@ class Detector(ABC):
             raise RuntimeError("cannot save a detector that has not been fitted")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        previous = _read_meta(directory) if (directory / DETECTOR_FILE).is_file() else None
+        try:  # the files of a model saved here before, removed once the new one is in place
+            previous = _read_meta(directory) if (directory / DETECTOR_FILE).is_file() else None
+        except ModelError:
+            previous = None  # unreadable: overwrite it, but remove nothing it names
         token = secrets.token_hex(4)
         files = self._save_weights(directory, token)
         meta = {
@@ -255,8 +266,8 @@ class Detector(ABC):
         }
         atomic_write_text(directory / DETECTOR_FILE, json.dumps(meta, indent=2) + "\n")
         if previous:
-            for name in set(previous.get("files", {}).values()) - set(files.values()):
-                _remove(directory / name)
+            for name in set(previous["files"].values()) - set(files.values()):
+                _remove(directory / name)  # plain names inside `directory` only (_read_meta checks)
         return directory
 
     @classmethod
@@ -313,10 +324,29 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         raise ModelError(f"cannot read {path}: {exc}") from exc
     if not isinstance(meta, dict):
         raise ModelError(f"{path} does not hold a JSON object")
+    for key in ("config", "fit_info", "files"):
+        if not isinstance(meta.setdefault(key, {}), dict):
+            raise ModelError(f"{path}: {key!r} must be a JSON object, got {type(meta[key]).__name__}")
+    for role, name in meta["files"].items():
+        # Plain names only: save() removes the files a previous model named, and a name
+        # such as "../x" or "/x" would reach outside the model folder.
+        if not isinstance(name, str) or not _is_plain_name(name):
+            raise ModelError(f"{path}: file {role!r} must be a plain file name inside {directory}, got {name!r}")
+    threshold = meta.get("image_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not math.isfinite(threshold)):
+        raise ModelError(f"{path}: image_threshold must be a finite number or null, got {threshold!r}")
     return meta
 
 
+def _is_plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and Path(name).name == name
+
+
 def _remove(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+        return
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():

@@ -25,6 +25,8 @@ Design choices, and why:
 """
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +121,7 @@ class MemoryBankDetector(Detector):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embeddings [B, h, w, D] of images [B, 3, H, W] already at the model's input size."""
         cfg = self.config
-        images = images.to(self.device).contiguous(memory_format=torch.channels_last)
+        images = images.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
         feats = self._inference_backbone()(images, strides=cfg.strides)
         grid = feats[cfg.strides[0]].shape[-2:]
         parts = []
@@ -274,11 +276,18 @@ class MemoryBankDetector(Detector):
             backbone.load_state_dict(state)
         except Exception as exc:
             raise ModelError(f"cannot load backbone weights {path}: {exc}") from exc
-        if cfg.resize == "keep_aspect" and not self.fit_info.get("input_scale"):
-            raise ModelError(f"{directory}: fit_info has no input_scale, which resize='keep_aspect' needs")
+        scale = self.fit_info.get("input_scale")
+        if cfg.resize == "keep_aspect" and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                            or not math.isfinite(scale) or scale <= 0):
+            raise ModelError(f"{directory}: fit_info needs a positive input_scale for resize='keep_aspect', "
+                             f"got {scale!r}")
+        try:
+            bank = MemoryBank.load(directory / files["bank"])
+        except (OSError, ValueError) as exc:
+            raise ModelError(str(exc)) from exc
         self.backbone = backbone.to(self.device)
         self._fast_backbone = None
-        self.bank = MemoryBank.load(directory / files["bank"])
+        self.bank = bank
 
     def to(self, device: str | torch.device) -> "MemoryBankDetector":
         self.device = torch.device(device)

@@ -53,9 +53,16 @@ def greedy_coreset(
     """
     op = "greedy_coreset"
     check_tensor(op, "x", x, ndim=2, shape_hint="[N, D]", nonempty=True)
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: feature size D is 0")
     check_int(op, "n", n, 1, x.shape[0], "N")
+    check_int(op, "seed", seed, 0, (1 << 63) - 1, "max")
     if projection_dim is not None:
         check_int(op, "projection_dim", projection_dim, 1, 1 << 30, "max")
+    # A NaN or Inf row would poison the projection's global scale, so every selection
+    # would be meaningless (and the reference would not notice).
+    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+        raise ValueError(f"{op}: x contains NaN or Inf")
     projected, start = coreset_plan(x, seed, projection_dim)
     if use_extension(op, x.device, backend) and (x.is_cuda or projected.dtype != torch.float16):
         return torch.ops.slsg.greedy_coreset(projected.contiguous(), n, start)

@@ -2,6 +2,8 @@
 autograd formulas)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import reference
@@ -44,6 +46,11 @@ def sphere_distance(
     check_int(op, "k", k, 1, centers.shape[0], "K")
     if use_extension(op, x.device, backend) and _kernel_dtype_ok(x):
         return torch.ops.slsg.sphere_distance(x, centers, radii, k)
+    # The kernels reject non-finite inputs; the reference would return NaN silently.
+    if not torch.compiler.is_compiling():
+        for name, t in (("x", x), ("centers", centers), ("radii", radii)):
+            if t is not None and not torch.isfinite(t).all():
+                raise ValueError(f"{op}: {name} contains NaN or Inf")
     return reference.sphere_distance(x, centers, radii, k)
 
 
@@ -54,7 +61,9 @@ def topk_mean(scores: torch.Tensor, k: int = 100, *, backend: str = "auto") -> t
     check_tensor(op, "scores", scores, shape_hint="[B, ...]")
     if scores.dim() < 2:
         raise ValueError(f"{op}: scores must be [B, ...] with at least 2 dims, got shape {tuple(scores.shape)}")
-    flat = scores.reshape(scores.shape[0], -1)
+    if math.prod(scores.shape[1:]) == 0:
+        raise ValueError(f"{op}: each map is empty (shape {tuple(scores.shape)})")
+    flat = scores.reshape(scores.shape[0], math.prod(scores.shape[1:]))  # -1 is ambiguous for B = 0
     check_int(op, "k", k, 1, flat.shape[1], "values per map")
     if use_extension(op, flat.device, backend) and _kernel_dtype_ok(flat):
         return torch.ops.slsg.topk_mean(flat, k)

@@ -102,3 +102,12 @@ def test_undefined_metrics_are_none():
 
 def test_measure_throughput_is_positive():
     assert measure_throughput(BrightnessDetector(), torch.rand(1, 3, SIZE, SIZE), repeats=3, warmup=1) > 0
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(repeats=0), "repeats must be an int >= 1"),
+                                          (dict(repeats=-1), "repeats"), (dict(warmup=-1), "warmup")])
+def test_measure_throughput_rejects_nonsense(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        measure_throughput(BrightnessDetector(), torch.rand(1, 3, SIZE, SIZE), **kwargs)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        measure_throughput(BrightnessDetector(), torch.rand(0, 3, SIZE, SIZE))

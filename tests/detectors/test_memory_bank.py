@@ -141,6 +141,65 @@ def test_load_errors_name_the_problem(fitted, tmp_path):
         load_detector(model)
 
 
+def test_model_files_must_stay_inside_the_model_folder(fitted, tmp_path):
+    # save() removes the files the previous model named: a tampered name must not reach out.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    model = fitted.save(tmp_path / "model")
+    meta = json.loads((model / "detector.json").read_text())
+    for bad in ("../victim", str(victim), "..", ""):
+        meta["files"]["extra"] = bad
+        (model / "detector.json").write_text(json.dumps(meta))
+        with pytest.raises(ModelError, match="plain file name"):
+            load_detector(model)
+        fitted.save(model)  # overwrites the tampered model, removes nothing it names
+        assert (victim / "keep.txt").read_text() == "precious"
+        assert load_detector(model).image_threshold == fitted.image_threshold
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: m.update(image_threshold="high"), "image_threshold must be a finite number"),
+    (lambda m: m.update(image_threshold=float("nan")), "image_threshold"),
+    (lambda m: m.update(config=[1]), "'config' must be a JSON object"),
+    (lambda m: m.update(files=["a"]), "'files' must be a JSON object"),
+    (lambda m: m["fit_info"].update(input_scale=-1.0), "positive input_scale"),
+    (lambda m: m["fit_info"].update(input_scale="1.0"), "positive input_scale"),
+])
+def test_tampered_values_are_rejected_on_load(fitted, tmp_path, change, match):
+    model = fitted.save(tmp_path / "model")
+    meta = json.loads((model / "detector.json").read_text())
+    change(meta)
+    (model / "detector.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=match):
+        load_detector(model)
+
+
+def test_broken_bank_file_is_a_model_error(fitted, tmp_path):
+    model = fitted.save(tmp_path / "model")
+    bank = model / json.loads((model / "detector.json").read_text())["files"]["bank"]
+    bank.write_bytes(bank.read_bytes()[:100])
+    with pytest.raises(ModelError, match="is not a valid memory bank"):
+        load_detector(model)
+
+
+def test_predict_takes_any_float_precision_and_rejects_bad_batches(fitted):
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5))
+    scores, maps = fitted.predict(images)
+    for dtype in (torch.float64, torch.bfloat16):
+        s2, m2 = fitted.predict(images.to(dtype))
+        tol = 1e-6 if dtype == torch.float64 else 0.1  # bfloat16 rounds the pixels themselves
+        torch.testing.assert_close(s2, scores, rtol=tol, atol=tol * scores.abs().max().item())
+    bad = images.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        fitted.predict(bad)
+    with pytest.raises(ValueError, match="empty batch"):
+        fitted.predict(images[:0])
+    with pytest.raises(ValueError, match="no images"):
+        fitted.predict_each([])
+
+
 def test_input_validation(fitted):
     with pytest.raises(ValueError, match="batch"):
         fitted.predict(torch.rand(3, SIZE, SIZE))

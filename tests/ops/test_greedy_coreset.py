@@ -103,7 +103,11 @@ def test_nan_rejected_opcheck_compile():
     x = torch.randn(20, 4)
     x[3, 1] = float("nan")
     with pytest.raises(RuntimeError, match="NaN or Inf"):
-        ops.greedy_coreset(x, 5, projection_dim=None)
+        torch.ops.slsg.greedy_coreset(x, 5, 0)
+    for backend in ("auto", "reference"):  # with and without the projection, whose scale a NaN poisons
+        for projection_dim in (None, 2):
+            with pytest.raises(ValueError, match="x contains NaN or Inf"):
+                ops.greedy_coreset(x, 5, projection_dim=projection_dim, backend=backend)
     torch.library.opcheck(torch.ops.slsg.greedy_coreset.default, (torch.randn(30, 4), 5, 2))
     fn = torch.compile(lambda t: torch.ops.slsg.greedy_coreset(t, 6, 1) + 0, fullgraph=True, backend="aot_eager")
     t = torch.randn(40, 3)

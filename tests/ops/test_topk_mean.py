@@ -46,7 +46,8 @@ def test_half_precision_on_cpu_uses_reference():
         (torch.randn(2, 5), 6, r"k must be in \[1, values per map=5\]"),
         (torch.randn(2, 5), 0, "k must be in"),
         (torch.randint(0, 5, (2, 5)), 1, "dtype"),
-        (torch.randn(2, 0), 1, "k must be in"),
+        (torch.randn(2, 0), 1, r"each map is empty \(shape \(2, 0\)\)"),
+        (torch.randn(0, 0), 1, "each map is empty"),
     ],
 )
 def test_bad_input(scores, k, match):
@@ -67,3 +68,8 @@ def test_opcheck_and_compile():
     fn = torch.compile(lambda s: ops.topk_mean(s, 10) * 2, fullgraph=True, backend="aot_eager")
     scores = torch.randn(4, 1, 16, 16)
     torch.testing.assert_close(fn(scores), ops.topk_mean(scores, 10) * 2)
+
+
+def test_empty_batch_gives_empty_scores():
+    assert ops.topk_mean(torch.randn(0, 7), 3).shape == (0,)
+    assert ops.topk_mean(torch.randn(0, 4, 5), 1).shape == (0,)
