@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -206,9 +207,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 window = heat_window(threshold, [np.asarray(full)])
                 caption = f"{path.name}: score {score:.3g}" + ("" if verdict is None else
                                                                (" -> anomalous" if verdict else " -> normal"))
-                name = f"{path.stem}_heatmap.png"
-                if name in used_names:  # same file name in different folders
-                    name = f"{path.stem}_{len(records)}_heatmap.png"
+                name, n = f"{path.stem}_heatmap.png", 1
+                while name in used_names:  # same file name in different folders
+                    n += 1
+                    name = f"{path.stem}_{n}_heatmap.png"
                 used_names.add(name)
                 records[-1]["heatmap"] = name
                 save_png(overlay_heatmap(original, full, window, None, threshold, caption), out / name)
@@ -326,9 +328,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.debug or not isinstance(exc, (ValueError, OSError, DownloadError)):
             raise
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = " ".join(worker_message(str(exc)).split()) or type(exc).__name__
         print(f"slsg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def worker_message(text: str) -> str:
+    """The original error of a DataLoader worker (torch re-raises it as "Caught X in
+    DataLoader worker process N. Original Traceback ...": the last line is the message)."""
+    if "in DataLoader worker process" in text and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1].strip()  # "package.module.DataError: message"
+        match = re.match(r"[A-Za-z_][\w.]*: (.*)", last)
+        return match.group(1) if match else last
+    return text
 
 
 if __name__ == "__main__":

@@ -84,6 +84,30 @@ def test_predict_writes_scores_and_heatmaps(capsys, tmp_path, tiny_model):
     assert len({r["heatmap"] for r in record["predictions"]}) == 3
 
 
+def test_predict_never_overwrites_a_heatmap(capsys, tmp_path, tiny_model):
+    # "a_3.png" and two "a.png": the fallback name of a duplicate must not hit a third file.
+    from PIL import Image
+
+    paths = [tmp_path / "x" / "a_3.png", tmp_path / "d1" / "a.png", tmp_path / "d2" / "a.png"]
+    for i, path in enumerate(paths):
+        path.parent.mkdir()
+        Image.new("RGB", (20, 20), (40 * i, 90, 30)).save(path)
+    code, _, err = run(capsys, "predict", "--model", tiny_model, *paths, "--out", tmp_path / "pred", "--quiet")
+    assert code == 0, err
+    names = [r["heatmap"] for r in json.loads((tmp_path / "pred" / "predictions.json").read_text())["predictions"]]
+    assert len(set(names)) == 3 and all((tmp_path / "pred" / n).is_file() for n in names)
+
+
+def test_worker_errors_show_the_original_message():
+    from slsg.cli import worker_message
+
+    text = ("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+            '  File "x.py", line 1, in f\n    raise DataError(msg)\n'
+            "slsg.data.io.DataError: cannot read image file a.png: image file is truncated\n")
+    assert worker_message(text) == "cannot read image file a.png: image file is truncated"
+    assert worker_message("plain: message") == "plain: message"
+
+
 def test_download_and_simulate_dispatch(capsys, tmp_path, monkeypatch):
     calls = {}
 

@@ -14,7 +14,7 @@ __all__ = ["AnomalyDataset", "DefectConfig", "Folder", "MTD", "MVTecAD", "MVTecL
            "detect_layout", "open_dataset", "parse_defects_config", "seeded_split"]
 
 _LAYOUTS = {
-    "mvtec-loco": (MVTecLOCO, "MVTec LOCO AD category (defects_config.json + validation/)"),
+    "mvtec-loco": (MVTecLOCO, "MVTec LOCO AD category (defects_config.json)"),
     "mvtec-ad": (MVTecAD, "MVTec AD category (train/good/)"),
     "mtd": (MTD, "Magnetic Tile Defects (MT_Free/)"),
 }
@@ -25,7 +25,7 @@ def detect_layout(path: str | os.PathLike) -> str:
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"dataset folder not found: {path}")
-    if (path / "defects_config.json").is_file() and (path / "validation").is_dir():
+    if (path / "defects_config.json").is_file():  # only LOCO has one (MVTecLOCO names what is missing)
         return "mvtec-loco"
     if (path / "train" / "good").is_dir():
         return "mvtec-ad"

@@ -72,10 +72,16 @@ class Folder(AnomalyDataset):
         if not 0.0 <= test_normal_ratio < 1.0:
             raise ValueError(f"test_normal_ratio must lie in [0, 1), got {test_normal_ratio!r}")
         normal_dir = Path(normal_dir)
-        for other in (abnormal_dir, mask_dir):
-            if other is not None and Path(other).resolve().is_relative_to(normal_dir.resolve()):
-                raise DataError(f"Folder: {other} lies inside normal_dir {normal_dir}, whose images are "
-                                "searched recursively; use separate folders")
+        # Every folder is searched recursively, so none may lie inside another: its images
+        # would be counted twice, with two labels, or masks read as images (or as their own masks).
+        named = [("normal_dir", normal_dir), ("abnormal_dir", abnormal_dir), ("mask_dir", mask_dir)]
+        named = [(name, Path(path)) for name, path in named if path is not None]
+        for i, (name_a, a) in enumerate(named):
+            for name_b, b in named[i + 1:]:
+                ra, rb = a.resolve(), b.resolve()
+                if ra.is_relative_to(rb) or rb.is_relative_to(ra):
+                    raise DataError(f"Folder: {name_a} {a} and {name_b} {b} overlap (one lies inside the other, "
+                                    "and folders are searched recursively); use separate folders")
         normals = list_images(normal_dir, recursive=True)
         if not normals:
             raise DataError(f"Folder: no images in normal_dir {normal_dir}")

@@ -120,12 +120,22 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
         return values.copy()
     peak = values.max(initial=0)
     if mode == "F":
-        return values >= (0.5 if peak <= 1.0 else 128.0)
-    if peak <= 1:
+        threshold = 0.5 if peak <= 1.0 else 128.0
+    elif peak <= 1:
         return values > 0
-    if mode in _WIDE_INT_MODES and peak > 255:
-        return values >= 128 * 257
-    return values >= 128
+    elif mode in _WIDE_INT_MODES and peak > 255:
+        threshold = 128 * 257
+    else:
+        threshold = 128
+    mask = values >= threshold
+    if peak > 0 and not mask.any():
+        # Marked pixels that all fall below the threshold (a red mask has luminance 76, a
+        # 12-bit mask in a 16-bit file peaks at 4095): an empty mask here would silently
+        # drop the defect from the pixel metrics.
+        raise DataError(f"mask {path} has marked pixels (up to {peak}) but none reach the threshold "
+                        f"{threshold} that separates defect from background; save masks as 0/255 "
+                        f"grayscale (or 0/1)")
+    return mask
 
 
 def resize_image(image: Image.Image, size: int | tuple[int, int] | None) -> torch.Tensor:

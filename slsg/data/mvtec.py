@@ -187,7 +187,8 @@ class MVTecLOCO(AnomalyDataset):
                 samples.append(Sample(image, 1, folder, kind, tuple(masks)))
             if gt_dir.is_dir():
                 stems = {p.stem for p in images}
-                for orphan in sorted(p for p in gt_dir.iterdir() if p.name not in stems):
+                for orphan in sorted(p for p in gt_dir.iterdir()
+                                     if p.name not in stems and not p.name.startswith(".")):  # .DS_Store
                     raise DataError(f"{self.name}: ground truth {orphan} has no matching image in {test_dir / folder}")
         return samples
 

@@ -120,6 +120,21 @@ def test_mask_sixteen_bit(tmp_path):
                                   [False, True, False, True])
 
 
+def test_mask_whose_marks_all_fall_below_the_threshold_is_an_error(tmp_path):
+    # An empty mask would silently drop the defect from the pixel metrics.
+    red = np.zeros((4, 4, 3), dtype=np.uint8)
+    red[1:3, 1:3, 0] = 255  # luminance 76
+    faint = np.where(np.eye(4, dtype=bool), 100, 0).astype(np.uint8)
+    twelve_bit = np.where(np.eye(4, dtype=bool), 4095, 0).astype(np.uint16)
+    for name, image in (("red.png", Image.fromarray(red)), ("faint.png", Image.fromarray(faint, mode="L")),
+                        ("twelve.png", Image.fromarray(twelve_bit))):
+        path = _save(tmp_path, name, image)
+        with pytest.raises(DataError, match=f"mask {path} has marked pixels .* none reach the threshold"):
+            load_mask(path)
+    empty = _save(tmp_path, "empty.png", Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode="L"))
+    assert not load_mask(empty).any()  # a truly empty mask stays allowed
+
+
 def test_mask_palette_and_rgb_and_bilevel(tmp_path):
     pal = Image.fromarray(np.array([[0, 1, 0]], dtype=np.uint8), mode="P")
     pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)

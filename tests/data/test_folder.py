@@ -114,9 +114,16 @@ def test_empty_or_missing_folders(tmp_path, folder_tree):
         Folder(folder_tree / "normal", tmp_path / "empty", split="test")
 
 
-def test_abnormal_inside_normal_is_refused(folder_tree):
-    with pytest.raises(DataError, match="inside normal_dir"):
-        Folder(folder_tree, folder_tree / "abnormal", split="test")
+def test_overlapping_folders_are_refused(folder_tree):
+    # Folders are searched recursively: one inside another (either way), or the same
+    # folder twice, would count images twice, with two labels, or read masks as images.
+    root = folder_tree
+    for args in ((root, root / "abnormal"),                       # abnormal inside normal
+                 (root / "normal", root),                          # normal inside abnormal
+                 (root / "normal", root / "abnormal", root / "abnormal"),  # masks = abnormal images
+                 (root / "normal", root / "abnormal", root / "abnormal" / "crack")):
+        with pytest.raises(DataError, match="overlap"):
+            Folder(*args, split="test")
 
 
 def test_no_held_out_normals(folder_tree):

@@ -135,3 +135,8 @@ def test_end_to_end_metrics_per_split(loco_tree):
     assert results["logical"]["image_auroc"] == image_auroc(scores[logical], np.array(test.labels)[logical])
     assert results["all"]["spro"] == pytest.approx(spro(maps, test.all_region_masks()))
     assert results["mean"]["spro"] == pytest.approx((results["logical"]["spro"] + 1.0) / 2)
+
+
+def test_hidden_files_in_ground_truth_are_ignored(loco_tree):
+    (loco_tree / "ground_truth" / "logical_anomalies" / ".DS_Store").write_bytes(b"\0")
+    assert len(MVTecLOCO(loco_tree, "test", image_size=8)) > 0

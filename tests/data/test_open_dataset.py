@@ -17,6 +17,17 @@ def test_detects_each_layout(mvtec_tree, loco_tree, tmp_path, builders):
     assert detect_layout(mtd) == "mtd"
 
 
+def test_loco_without_validation_is_still_loco(loco_tree):
+    # defects_config.json marks LOCO; a missing split is then named as such, not as an
+    # MVTec AD ground-truth problem.
+    import shutil
+
+    shutil.rmtree(loco_tree / "validation", ignore_errors=True)
+    assert detect_layout(loco_tree) == "mvtec-loco"
+    with pytest.raises(DataError, match="validation"):
+        open_dataset(loco_tree, "validation", image_size=8)
+
+
 def test_unknown_layout_names_path_and_known_layouts(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(DataError) as error:
