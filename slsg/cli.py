@@ -115,12 +115,20 @@ def _write_split(out: Path, train, test_record: dict | None = None) -> None:
     atomic_write_text(out / "split.json", json.dumps(record, indent=1, default=str) + "\n")
 
 
+def _out_folder(path: str | Path) -> Path:
+    """--out as a Path, checked before any work: an existing file there would fail only at the end."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    return out
+
+
 # ------------------------------------------------------------------------------------ commands
 def cmd_fit(args: argparse.Namespace) -> int:
     from slsg.data import open_dataset
     from slsg.detectors import MemoryBankConfig, MemoryBankDetector
 
-    data, out = Path(args.data), Path(args.out)
+    data, out = Path(args.data), _out_folder(args.out)
     layout, kwargs = _dataset_kwargs(data, args)
     weights = None if args.weights == "none" else args.weights
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
@@ -128,16 +136,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
                               num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize)
     detector = MemoryBankDetector(config, progress=not args.quiet)
     train = open_dataset(data, "train", image_size=detector.dataset_image_size, **kwargs)
+    # Opened before the fit, so a broken test layout fails in seconds, not after it.
+    test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, **kwargs).split_record()
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
     detector.save(out / "model")
+    # The evaluation of a model this one replaces would no longer describe the model here.
+    for stale in ("metrics.json", "report.md"):
+        if (out / stale).is_file():
+            (out / stale).unlink()
     print(f"fitted on {len(train)} images in {fit_seconds:.1f} s: memory bank of {len(detector.bank)} patches, "
           f"threshold {detector.image_threshold if detector.image_threshold is None else round(detector.image_threshold, 4)}; "
           f"model saved to {out / 'model'}")
-    test_record = None
-    if not args.no_eval:
-        test_record = open_dataset(data, "test", image_size=None, **kwargs).split_record()
     _write_split(out, train, test_record)
     if not args.no_eval:
         _evaluate_and_report(detector, data, layout, kwargs, out, args, fit_seconds)
@@ -153,7 +164,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector.progress = not args.quiet
     data = Path(args.data)
     layout, kwargs = _dataset_kwargs(data, args)
-    out = Path(args.out) if args.out else model_dir.parent if model_dir.name == "model" else model_dir
+    out = _out_folder(args.out) if args.out else model_dir.parent if model_dir.name == "model" else model_dir
     _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
     return 0
 
@@ -186,10 +197,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from slsg.report import heat_window, overlay_heatmap, save_png
     from slsg.utils import atomic_write_text
 
+    out = _out_folder(args.out) if args.out else None
     detector = load_detector(args.model)
     paths = _expand_images(args.images)
     size = detector.dataset_image_size
-    out = Path(args.out) if args.out else None
     threshold = detector.image_threshold
     records: list[dict[str, Any]] = []
     used_names: set[str] = set()
@@ -236,7 +247,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.exists():
         raise CliError(f"data folder not found: {data}")
-    written = write_examples(data, args.out, n=args.n, seed=args.seed, textures=args.textures,
+    written = write_examples(data, _out_folder(args.out), n=args.n, seed=args.seed, textures=args.textures,
                              preset=args.preset, image_size=args.image_size)
     print(f"wrote {len(written)} files to {args.out}")
     return 0

@@ -211,3 +211,27 @@ def test_fit_then_test_reproduces_metrics(capsys, tmp_path):
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold"):
         assert again[key] == pytest.approx(first[key])
+
+
+def test_refit_without_evaluation_removes_the_old_metrics(capsys, tmp_path):
+    data = _synthetic_layout(tmp_path / "toy")
+    run_dir = tmp_path / "run"
+    common = ("--weights", "none", "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--heatmaps", 0)
+    assert run(capsys, "fit", "--data", data, "--out", run_dir, *common)[0] == 0
+    assert (run_dir / "metrics.json").is_file() and (run_dir / "report.md").is_file()
+    code, _, err = run(capsys, "fit", "--data", data, "--out", run_dir, "--no-eval", *common)
+    assert code == 0, err
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+
+
+def test_out_that_is_a_file_fails_before_any_work(capsys, tmp_path, tiny_model):
+    data = _synthetic_layout(tmp_path / "toy")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for argv in (("fit", "--data", data, "--out", afile, "--weights", "none", "--image-size", 32),
+                 ("test", "--model", tiny_model, "--data", data, "--out", afile),
+                 ("predict", "--model", tiny_model, tmp_path, "--out", afile),
+                 ("simulate", "--data", data, "--out", afile, "-n", 1)):
+        code, _, err = run(capsys, *argv, "--quiet") if argv[0] != "simulate" else run(capsys, *argv)
+        assert code == 2 and "exists and is not a folder" in err, (argv[0], err)
+    assert afile.read_text() == "keep me"
