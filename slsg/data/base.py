@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -35,8 +35,23 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     """Image files in `folder`, sorted by path so results never depend on directory order."""
     if not folder.is_dir():
         raise DataError(f"folder not found: {folder}")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    candidates = _walk_files(folder) if recursive else folder.iterdir()
     return sorted((p for p in candidates if is_image_file(p)), key=lambda p: p.as_posix())
+
+
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Files under `folder`, following symlinked folders (Path.rglob does not before Python
+    3.13, so linked image folders were skipped silently); each real folder once, so a link
+    loop ends."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in files:
+            yield Path(root) / name
 
 
 def check_split(split: str, allowed: Sequence[str], dataset: str) -> str:

@@ -275,6 +275,12 @@ def download(dataset: str, category: str | None, root: str | os.PathLike, url: s
         found = [_find_category(root, c, dataset) for c in wanted]
         if all(found):
             return root if whole else found[0]  # already installed: no network needed
+        # Extraction never overwrites what the user has, so an incomplete folder would stay
+        # and the download be wasted: say so before fetching anything.
+        blocking = [root / c for c, f in zip(wanted, found) if f is None and (root / c).exists()]
+        if blocking:
+            raise DownloadError(f"{blocking[0]} exists but is not a complete {dataset} category; move it "
+                                "away (or delete it) and run again")
     root.mkdir(parents=True, exist_ok=True)
 
     url = url or source.url
@@ -307,12 +313,10 @@ def download(dataset: str, category: str | None, root: str | os.PathLike, url: s
             archive.unlink()
             raise DownloadError(f"{exc}; the downloaded archive was deleted, run again to retry") from exc
         raise DownloadError(f"{exc}; delete {archive} and run again") from exc
+    folder = root if whole else _find_category(root, category, dataset)  # type: ignore[arg-type]
+    if folder is None:  # the archive is kept: it may hold the category under another layout
+        raise DownloadError(f"the archive {archive} (from {url}) did not contain a complete {dataset} "
+                            f"category {category!r} under {root}")
     if not keep_archive:
         archive.unlink()
-    if whole:
-        return root
-    folder = _find_category(root, category, dataset)  # type: ignore[arg-type]
-    if folder is None:
-        raise DownloadError(f"the archive from {url} did not contain a complete {dataset} category "
-                            f"{category!r} under {root}")
     return folder

@@ -196,6 +196,17 @@ def test_file_url(bottle_archive, tmp_path):
     assert len(MVTecAD(folder, "train")) == 3
 
 
+def test_incomplete_category_folder_is_reported_before_downloading(bottle_archive, tmp_path):
+    # Extraction never overwrites the user's folder, so the download would be wasted.
+    (tmp_path / "data" / "bottle" / "train" / "good").mkdir(parents=True)
+    source = tmp_path / "mirror" / "bottle.tar.xz"
+    source.parent.mkdir()
+    source.write_bytes(bottle_archive)
+    with pytest.raises(DownloadError, match="bottle exists but is not a complete mvtec-ad category; move it"):
+        download("mvtec-ad", "bottle", tmp_path / "data", url=source.as_uri(), progress=False)
+    assert not (tmp_path / "data" / "bottle.tar.xz").exists()  # nothing fetched
+
+
 def test_missing_file_url(tmp_path):
     with pytest.raises(DownloadError, match="cannot read"):
         download("mvtec-ad", "bottle", tmp_path, url=(tmp_path / "absent.tar.xz").as_uri(), progress=False)

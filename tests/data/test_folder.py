@@ -130,3 +130,17 @@ def test_no_held_out_normals(folder_tree):
     test = _folder(folder_tree, split="test", test_normal_ratio=0.0)
     assert test.labels == [1, 1]
     assert len(_folder(folder_tree, split="train", test_normal_ratio=0.0)) == 30
+
+
+def test_symlinked_subfolders_are_searched_and_loops_end(folder_tree):
+    # Path.rglob (Python < 3.13) skipped linked folders silently.
+    normal = folder_tree / "normal"
+    extra = folder_tree / "elsewhere"
+    extra.mkdir()
+    for i in range(3):
+        (extra / f"x{i}.png").write_bytes((normal / f"n{i:02d}.png").read_bytes())
+    (normal / "linked").symlink_to(extra, target_is_directory=True)
+    (extra / "loop").symlink_to(extra, target_is_directory=True)  # a loop must not hang
+    folder = Folder(normal, split="train", test_normal_ratio=0.0, image_size=8)
+    assert len(folder) == 33
+    assert sum(name.startswith("linked/x") for name in folder.train_files) == 3

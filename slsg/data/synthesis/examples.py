@@ -105,40 +105,59 @@ def write_examples(
     count, load, name = _normal_images(data_dir, image_size)
 
     order = torch.randperm(count, generator=torch.Generator().manual_seed(derive_seed("examples", seed)))
+    previous = _previous_examples(out_dir)
     written: list[Path] = []
-    sheet_rows: list[tuple[torch.Tensor, Synthesis]] = []
-    captions: list[str] = []
-    records = []
-    for k in range(n):
-        index = int(order[k % count])
-        image = load(index)
-        generator = item_generator(seed, 0, k)
-        other_loader = None
-        if count > 1:
-            j = int(torch.randint(0, count - 1, (), generator=item_generator(derive_seed("other", seed), 0, k)))
-            j += j >= index
+    try:
+        sheet_rows: list[tuple[torch.Tensor, Synthesis]] = []
+        captions: list[str] = []
+        records = []
+        for k in range(n):
+            index = int(order[k % count])
+            image = load(index)
+            generator = item_generator(seed, 0, k)
+            other_loader = None
+            if count > 1:
+                j = int(torch.randint(0, count - 1, (), generator=item_generator(derive_seed("other", seed), 0, k)))
+                j += j >= index
 
-            def other_loader(j: int = j) -> torch.Tensor:
-                return load(j)
+                def other_loader(j: int = j) -> torch.Tensor:
+                    return load(j)
 
-        result = synthesizer.sample(image, generator, other_normal=other_loader)
-        stem = f"{k:03d}"
-        written += [
-            _save_png(_to_pil(image), out_dir / f"{stem}_normal.png"),
-            _save_png(_to_pil(result.source), out_dir / f"{stem}_source.png"),
-            _save_png(_to_pil(result.image), out_dir / f"{stem}_image.png"),
-            _save_png(_to_pil(result.mask), out_dir / f"{stem}_mask.png"),
-        ]
-        area = float(result.mask.mean())
-        captions.append(f"{stem} {result.kind} b={result.beta:.2f} area={area:.1%} {'+'.join(result.ops)}")
-        sheet_rows.append((image, result))
-        records.append({"index": k, "input": name(index), "branch": result.branch, "kind": result.kind,
-                        "beta": round(result.beta, 4), "mask_fraction": round(area, 5), "ops": list(result.ops)})
-    written.append(_save_png(contact_sheet(sheet_rows, captions), out_dir / "overview.png"))
-    meta = {"data_dir": str(data_dir), "seed": seed, "image_size": image_size,
-            "textures": None if textures is None else str(textures), "config": config.to_dict(),
-            "examples": records}
-    path = out_dir / "examples.json"
-    atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
-    written.append(path)
+            result = synthesizer.sample(image, generator, other_normal=other_loader)
+            stem = f"{k:03d}"
+            written += [
+                _save_png(_to_pil(image), out_dir / f"{stem}_normal.png"),
+                _save_png(_to_pil(result.source), out_dir / f"{stem}_source.png"),
+                _save_png(_to_pil(result.image), out_dir / f"{stem}_image.png"),
+                _save_png(_to_pil(result.mask), out_dir / f"{stem}_mask.png"),
+            ]
+            area = float(result.mask.mean())
+            captions.append(f"{stem} {result.kind} b={result.beta:.2f} area={area:.1%} {'+'.join(result.ops)}")
+            sheet_rows.append((image, result))
+            records.append({"index": k, "input": name(index), "branch": result.branch, "kind": result.kind,
+                            "beta": round(result.beta, 4), "mask_fraction": round(area, 5), "ops": list(result.ops)})
+        written.append(_save_png(contact_sheet(sheet_rows, captions), out_dir / "overview.png"))
+        meta = {"data_dir": str(data_dir), "seed": seed, "image_size": image_size,
+                "textures": None if textures is None else str(textures), "config": config.to_dict(),
+                "examples": records}
+        path = out_dir / "examples.json"
+        atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
+        written.append(path)
+    except BaseException:
+        for path in written:  # no half-written set: a failed run leaves none of its files
+            path.unlink(missing_ok=True)
+        raise
+    for stale in previous - set(written):  # a larger set written here before: its extra examples
+        stale.unlink(missing_ok=True)
     return written
+
+
+def _previous_examples(out_dir: Path) -> set[Path]:
+    """The example files of a set written here before, as its examples.json names them
+    (empty when there is none, or it is not ours: other files are never touched)."""
+    try:
+        records = json.loads((out_dir / "examples.json").read_text(encoding="utf-8"))["examples"]
+        stems = [f"{int(r['index']):03d}" for r in records]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {out_dir / f"{stem}_{part}.png" for stem in stems for part in ("normal", "source", "image", "mask")}

@@ -36,6 +36,23 @@ def test_writes_all_files(tmp_path):
     assert {e["kind"] for e in meta["examples"]} <= {"structural", "logical"}
 
 
+def test_rerun_replaces_the_set_and_a_failed_run_leaves_nothing(tmp_path):
+    folder, out = _folder(tmp_path), tmp_path / "out"
+    write_examples(folder, out, n=5, seed=0, image_size=32)
+    (out / "notes.txt").write_text("mine")  # not ours: never touched
+    paths = write_examples(folder, out, n=2, seed=0, image_size=32)
+    assert sorted(p.name for p in out.iterdir()) == sorted([p.name for p in paths] + ["notes.txt"])
+    # A corrupt image met partway: none of this run's files stay behind.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i}.png").write_bytes((folder / f"{i:03d}.png").read_bytes())
+    (broken / "3.png").write_bytes((folder / "000.png").read_bytes()[:60])
+    with pytest.raises(DataError):
+        write_examples(broken, tmp_path / "fresh", n=8, seed=0, image_size=32)
+    assert not (tmp_path / "fresh").exists() or not any((tmp_path / "fresh").iterdir())
+
+
 def test_seeded(tmp_path):
     folder = _folder(tmp_path)
     write_examples(folder, tmp_path / "a", n=3, seed=1, image_size=32)
