@@ -44,6 +44,11 @@ def _dataset_kwargs(path: Path, args: argparse.Namespace) -> tuple[str, dict[str
     kwargs: dict[str, Any] = {}
     if layout == "mtd":
         kwargs = {"train_ratio": args.train_ratio, "seed": args.split_seed}
+    elif layout == "folder":
+        kwargs = {"abnormal_dir": args.abnormal, "mask_dir": args.masks,
+                  "test_normal_ratio": round(1.0 - args.train_ratio, 10), "seed": args.split_seed}
+    if layout != "folder" and (args.abnormal or args.masks):
+        raise CliError(f"--abnormal and --masks are for a folder of normal images; {path} is a {layout} dataset")
     return layout, kwargs
 
 
@@ -60,6 +65,11 @@ def _dataset_description(path: Path, layout: str, kwargs: dict[str, Any], test, 
         desc["split_rule"] = "MVTec AD protocol: train/good trains, test/* tests"
     elif layout == "mvtec-loco":
         desc["split_rule"] = "MVTec LOCO protocol: train/good trains, test/* tests"
+    elif layout == "folder":
+        desc["split_rule"] = (f"seeded {1 - kwargs['test_normal_ratio']:.0%} of the normal images (seed "
+                              f"{kwargs['seed']}) train; the others and the --abnormal images test")
+        desc.update(train_ratio=round(1 - kwargs["test_normal_ratio"], 10), split_seed=kwargs["seed"],
+                    abnormal_dir=kwargs["abnormal_dir"], mask_dir=kwargs["mask_dir"])
     return desc
 
 
@@ -270,12 +280,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=_positive_int, default=8)
     evaluation.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     evaluation.add_argument("--heatmaps", type=int, default=2, help="overlays per defect type in the report")
-    evaluation.add_argument("--train-ratio", type=_ratio, default=0.8, help="MTD: share of MT_Free that trains")
-    evaluation.add_argument("--split-seed", type=int, default=0, help="MTD: seed of the train/test split")
+    evaluation.add_argument("--train-ratio", type=_ratio, default=0.8,
+                            help="MTD or a folder of normal images: share of the normal images that trains")
+    evaluation.add_argument("--split-seed", type=int, default=0, help="MTD or folder: seed of the train/test split")
+    evaluation.add_argument("--abnormal", default=None,
+                            help="folder of normal images: a folder of anomalous test images (sub-folders = defect types)")
+    evaluation.add_argument("--masks", default=None,
+                            help="folder of normal images: ground-truth masks of the --abnormal images, matched by "
+                                 "file name (NAME.png or NAME_mask.png)")
 
     fit = sub.add_parser("fit", parents=[common, evaluation],
                          help="fit the memory-bank detector on a dataset's train split and evaluate it on its test split")
-    fit.add_argument("--data", required=True, help="dataset folder (MVTec AD / LOCO category, MTD)")
+    fit.add_argument("--data", required=True,
+                     help="dataset folder (MVTec AD / LOCO category, MTD) or a folder of normal images")
     fit.add_argument("--out", required=True, help="run folder for the model, metrics.json and the report")
     fit.add_argument("--backbone", default="efficientnet_lite0", choices=available())
     fit.add_argument("--weights", default="imagenet", help="'imagenet', a state-dict file, or 'none'")

@@ -235,3 +235,33 @@ def test_out_that_is_a_file_fails_before_any_work(capsys, tmp_path, tiny_model):
         code, _, err = run(capsys, *argv, "--quiet") if argv[0] != "simulate" else run(capsys, *argv)
         assert code == 2 and "exists and is not a folder" in err, (argv[0], err)
     assert afile.read_text() == "keep me"
+
+
+def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
+    # The user's everyday case: a folder of good images (+ optionally defective ones and masks).
+    import shutil
+
+    toy = _synthetic_layout(tmp_path / "toy")
+    good, bad, masks = tmp_path / "good", tmp_path / "bad" / "spot", tmp_path / "masks"
+    good.mkdir()
+    for i, path in enumerate(sorted((toy / "train" / "good").glob("*.png")) + sorted((toy / "test" / "good").glob("*.png"))):
+        shutil.copy(path, good / f"g{i}.png")
+    shutil.copytree(toy / "test" / "spot", bad)
+    shutil.copytree(toy / "ground_truth" / "spot", masks)
+    common = ("--weights", "none", "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--heatmaps", 0)
+    code, out, err = run(capsys, "fit", "--data", good, "--abnormal", tmp_path / "bad", "--masks", masks,
+                         "--train-ratio", 0.75, "--out", tmp_path / "run", *common)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["dataset"]["layout"] == "folder" and metrics["dataset"]["train_images"] == 6
+    assert metrics["dataset"]["test_images"] == 2 + 3 and metrics["dataset"]["anomalous_test_images"] == 3
+    assert metrics["image_auroc"] is not None and metrics["pixel_auroc"] is not None
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert len(split["train"]["files"]) == 6 and len(split["train"]["held_out_normal_files"]) == 2
+    # Only normal images, no evaluation: fits and saves.
+    code, _, err = run(capsys, "fit", "--data", good, "--no-eval", "--out", tmp_path / "run2", *common)
+    assert code == 0, err
+    assert (tmp_path / "run2" / "model" / "detector.json").is_file()
+    # --abnormal belongs to folder datasets only.
+    code, _, err = run(capsys, "fit", "--data", toy, "--abnormal", tmp_path / "bad", "--out", tmp_path / "run3", *common)
+    assert code == 2 and "--abnormal and --masks are for a folder of normal images" in err

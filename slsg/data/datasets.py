@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import AnomalyDataset, Sample
+from .base import AnomalyDataset, Sample, list_images
 from .folder import Folder, seeded_split
 from .io import DataError
 from .mtd import MTD
@@ -17,6 +17,7 @@ _LAYOUTS = {
     "mvtec-loco": (MVTecLOCO, "MVTec LOCO AD category (defects_config.json)"),
     "mvtec-ad": (MVTecAD, "MVTec AD category (train/good/)"),
     "mtd": (MTD, "Magnetic Tile Defects (MT_Free/)"),
+    "folder": (Folder, "a folder with normal images directly inside (slsg.data.Folder)"),
 }
 
 
@@ -31,10 +32,12 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "mvtec-ad"
     if (path / "MT_Free").is_dir():
         return "mtd"
+    if list_images(path):  # images directly inside: a folder of normal images
+        return "folder"
     known = "; ".join(description for _, description in _LAYOUTS.values())
     categories = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "train" / "good").is_dir())
     hint = (f" It holds categories ({', '.join(categories)}): pass one category folder."
-            if categories else " For plain folders of images use slsg.data.Folder(normal_dir, abnormal_dir, mask_dir).")
+            if categories else " A folder of normal images must hold images directly (not only in sub-folders).")
     raise DataError(f"cannot recognise the dataset layout of {path}. Known layouts: {known}.{hint}")
 
 

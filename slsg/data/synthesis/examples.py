@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 from slsg.utils import atomic_path, atomic_write_text
 
 from ..base import list_images
-from ..datasets import open_dataset
+from ..datasets import detect_layout, open_dataset
 from ..io import DataError, load_image, resize_image
 from .dataset import derive_seed, item_generator
 from .presets import SynthesisConfig, get_preset
@@ -27,6 +27,8 @@ _CAPTION = 16
 def _normal_images(data_dir: Path, image_size: int) -> tuple[int, Callable[[int], torch.Tensor], Callable[[int], str]]:
     """(count, load(i) -> [3, S, S], name(i)) for a dataset folder or a plain folder of images."""
     try:
+        if detect_layout(data_dir) == "folder":  # every image is a source (no held-out share)
+            raise DataError(f"{data_dir} is a plain folder of images")
         dataset = open_dataset(data_dir, split="train", image_size=image_size)
     except DataError as layout_error:
         if not data_dir.is_dir():
