@@ -99,8 +99,8 @@ def write_examples(
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16:
-        raise ValueError(f"image_size must be an int >= 16, got {image_size!r}")
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or not 16 <= image_size <= 8192:
+        raise ValueError(f"image_size must be an int in [16, 8192], got {image_size!r}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     config = preset if isinstance(preset, SynthesisConfig) else get_preset(preset or "default")
     synthesizer = AnomalySynthesizer(config, textures)

@@ -75,6 +75,9 @@ def test_errors(tmp_path):
         write_examples(tmp_path, tmp_path / "out", n=0)
     with pytest.raises(ValueError, match="unknown synthesis preset"):
         write_examples(_folder(tmp_path), tmp_path / "out", preset="nope")
+    for size in (8, 100000):  # 100000 ran out of memory with no message
+        with pytest.raises(ValueError, match=r"image_size must be an int in \[16, 8192\]"):
+            write_examples(tmp_path, tmp_path / "out", image_size=size)
 
 
 def test_real_bottle_with_dtd(shared_data, tmp_path):
