@@ -149,3 +149,19 @@ def test_broken_files_name_the_file(tmp_path, data):
             np.save(z.open("meta.npy", "w"), np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         with pytest.raises(ValueError, match="tampered.npz is not a valid memory bank"):
             MemoryBank.load(tmp_path / "tampered.npz")
+
+
+def test_search_is_exact_when_features_share_a_large_offset():
+    # ||x||^2 + ||c||^2 - 2 x.c in float32 lost these distances (offset 1000x the spread):
+    # the bank searches relative to its mean, which leaves every distance unchanged.
+    g = torch.Generator().manual_seed(7)
+    features = 100 + 0.1 * torch.randn(500, 32, generator=g)
+    queries = 100 + 0.1 * torch.randn(40, 32, generator=g)
+    truth = torch.cdist(queries.double(), features.double()).square().min(1)
+    bank = MemoryBank(features)
+    assert bank._origin is not None
+    for backend in ("kernel", "torch", "faiss"):
+        dist, idx = bank.search(queries, 1, backend=backend)
+        assert torch.equal(idx[:, 0], truth.indices), backend
+        torch.testing.assert_close(dist[:, 0].double(), truth.values, rtol=1e-4, atol=1e-6)
+    assert MemoryBank(torch.randn(500, 32, generator=g))._origin is None  # no copy for ordinary banks
