@@ -62,8 +62,7 @@ def bench_once(benchmark, fn, rounds: int = 1) -> None:
     one call, timed and measured together, so the big cases do not run twice; the exact-RSS
     allocator costs them well under 1% there."""
     if rounds > 1:
-        benchmark.extra_info["peak_extra_mib"] = round(peak_extra_mib(fn), 1)
-        _allocator(exact_rss=False)
+        benchmark.extra_info["peak_extra_mib"] = round(peak_extra_mib(fn), 1)  # restores steady state
         benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
         return
     peaks = []

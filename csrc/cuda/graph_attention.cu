@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <utility>
 
 #include "../checks.h"
 #include "graph_common.cuh"
@@ -263,6 +264,13 @@ __device__ void load_chunk(acc_t (*dst)[W], const scalar_t* rows, int nr, int64_
   }
 }
 
+// (b * h, first of its kWarps rows) of this block, in dense_grid's order: b * h folded into
+// grid x with the blocks of rows fastest.
+__device__ __forceinline__ std::pair<int64_t, int64_t> dense_block(int64_t rows) {
+  const int64_t row_blocks = (rows + kWarps - 1) / kWarps;
+  return {blockIdx.x / row_blocks, static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps};
+}
+
 template <typename scalar_t, typename acc_t, int V>
 __global__ void dense_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                      const scalar_t* __restrict__ v,
@@ -274,9 +282,8 @@ __global__ void dense_forward_kernel(const scalar_t* __restrict__ q, const scala
   __shared__ acc_t vecs[kWarps][kDChunk];
   __shared__ acc_t vtile[kTile][W];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_blocks = (Nq + kWarps - 1) / kWarps;  // see dense_grid
-  const int64_t bh = blockIdx.x / row_blocks, h = bh % H;
-  const int64_t i = static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps + warp;
+  const auto [bh, row0] = dense_block(Nq);
+  const int64_t h = bh % H, i = row0 + warp;
   const bool active = i < Nq;  // uniform per warp
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * W;
   const scalar_t* qi = active ? q + (bh * Nq + i) * D : nullptr;
@@ -299,7 +306,7 @@ __global__ void dense_forward_kernel(const scalar_t* __restrict__ q, const scala
         s = neg_inf<acc_t>();
       }
       const acc_t m_new = max(m, warp_max(s));
-      const acc_t base = m_new == neg_inf<acc_t>() ? acc_t(0) : m_new;
+      const acc_t base = shift_or_zero(m_new);
       const acc_t p = exp_shifted(s, base), alpha = exp_shifted(m, base);
       l = l * alpha + warp_sum(p);
 #pragma unroll
@@ -335,9 +342,8 @@ __global__ void dense_backward_query_kernel(
   __shared__ acc_t vecs[kWarps][kDChunk];
   __shared__ acc_t ktile[kTile][W];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_blocks = (Nq + kWarps - 1) / kWarps;  // see dense_grid
-  const int64_t bh = blockIdx.x / row_blocks, h = bh % H;
-  const int64_t i = static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps + warp;
+  const auto [bh, row0] = dense_block(Nq);
+  const int64_t h = bh % H, i = row0 + warp;
   const bool active = i < Nq;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * W;
   const int64_t r = bh * Nq + i;
@@ -345,8 +351,7 @@ __global__ void dense_backward_query_kernel(
   const scalar_t* doi = active ? grad_out + r * Dv : nullptr;
   const scalar_t* kb = k + bh * Nk * D;
   const scalar_t* vb = v + bh * Nk * Dv;
-  // A fully masked row has lse = -inf: shift by 0 there, so its P is 0 as on the CPU.
-  const acc_t row_lse = active && lse[r] != neg_inf<acc_t>() ? lse[r] : acc_t(0);
+  const acc_t row_lse = active ? shift_or_zero(lse[r]) : acc_t(0);  // a fully masked row: P = 0
   const acc_t Di = active ? row_dot[r] : acc_t(0);
   acc_t acc[V];
 #pragma unroll
@@ -394,9 +399,8 @@ __global__ void dense_backward_key_kernel(
   __shared__ acc_t qtile[kTile][W];
   __shared__ acc_t dotile[kTile][W];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row_blocks = (Nk + kWarps - 1) / kWarps;  // see dense_grid
-  const int64_t bh = blockIdx.x / row_blocks, h = bh % H;
-  const int64_t j = static_cast<int64_t>(blockIdx.x % row_blocks) * kWarps + warp;
+  const auto [bh, row0] = dense_block(Nk);
+  const int64_t h = bh % H, j = row0 + warp;
   const bool active = j < Nk;
   const int64_t c0 = static_cast<int64_t>(blockIdx.z) * W;
   const scalar_t* kj = active ? k + (bh * Nk + j) * D : nullptr;
@@ -418,8 +422,7 @@ __global__ void dense_backward_key_kernel(
       if (lane < ni) {
         const int64_t i = i0 + lane;
         s = s * scale + (bias ? to_acc<acc_t>(bias[(h * Nq + i) * Nk + j]) : acc_t(0));
-        const acc_t row_lse = lse[bh * Nq + i];  // -inf for a fully masked row: P = 0 there
-        p = exp_shifted(s, row_lse == neg_inf<acc_t>() ? acc_t(0) : row_lse);
+        p = exp_shifted(s, shift_or_zero(lse[bh * Nq + i]));  // a fully masked row: P = 0
         ds = p * (dp - row_dot[bh * Nq + i]);
       }
       for (int t = 0; t < ni; ++t) {

@@ -39,6 +39,13 @@ __device__ __forceinline__ T exp_shifted(T a, T b) {
   return a == neg_inf<T>() ? T(0) : exp(a - b);
 }
 
+// A softmax shift: m itself, or 0 when m is -inf (a fully masked row or tile), so that
+// exp_shifted gives 0 there rather than NaN (the CPU kernels' finite_or_zero).
+template <typename T>
+__device__ __forceinline__ T shift_or_zero(T m) {
+  return m == neg_inf<T>() ? T(0) : m;
+}
+
 // float32 accumulation for float32 / float16 / bfloat16; float64 for float64.
 inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;

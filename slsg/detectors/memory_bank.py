@@ -26,7 +26,6 @@ Design choices, and why:
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass
 from pathlib import Path

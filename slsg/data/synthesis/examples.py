@@ -26,18 +26,17 @@ _CAPTION = 16
 
 def _normal_images(data_dir: Path, image_size: int) -> tuple[int, Callable[[int], torch.Tensor], Callable[[int], str]]:
     """(count, load(i) -> [3, S, S], name(i)) for a dataset folder or a plain folder of images."""
+    if not data_dir.is_dir():
+        raise DataError(f"data folder not found: {data_dir}")
     try:
-        if detect_layout(data_dir) == "folder":  # every image is a source (no held-out share)
-            raise DataError(f"{data_dir} is a plain folder of images")
+        layout = detect_layout(data_dir)
+        if layout == "folder":  # a plain folder of images: every image is a source, none held out
+            paths = list_images(data_dir)
+            return (len(paths), lambda i: resize_image(load_image(paths[i]), image_size),
+                    lambda i: paths[i].as_posix())
         dataset = open_dataset(data_dir, split="train", image_size=image_size)
     except DataError as layout_error:
-        if not data_dir.is_dir():
-            raise DataError(f"data folder not found: {data_dir}") from layout_error
-        paths = list_images(data_dir)
-        if not paths:
-            raise DataError(f"no images directly in {data_dir}, and it is not a dataset: {layout_error}") from None
-        return (len(paths), lambda i: resize_image(load_image(paths[i]), image_size),
-                lambda i: paths[i].as_posix())
+        raise DataError(f"no images directly in {data_dir}, and it is not a dataset: {layout_error}") from None
     if len(dataset) == 0:
         raise DataError(f"the train split of {data_dir} has no images")
     return len(dataset), lambda i: dataset[i]["image"], lambda i: str(dataset.samples[i].path)
