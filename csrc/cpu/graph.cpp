@@ -7,7 +7,8 @@
 // blocks packed once per batch item. Every node keeps its best k*dilation candidates in a
 // small sorted list; a threshold guessed from a sample of the nodes lets one vector
 // comparison reject most candidates from the first tile on, and the few nodes whose guess
-// was too high are recomputed exactly at the end. With enough batch items a thread takes
+// was too high are recomputed exactly at the end. The few dozen survivors of a tile row are
+// ranked by counting, without branches (count_ranks_avx2). With enough batch items a thread takes
 // whole items; otherwise tiles run in round-robin rounds (no block twice in a round), so
 // the tiles of a round run in parallel without two threads touching one list.
 //
@@ -100,6 +101,113 @@ __attribute__((target("avx2"))) inline int64_t gather_at_least_avx2(
 }
 #endif
 
+// Ranking by counting, for small candidate sets: a candidate's rank is the number of
+// candidates that rank before it, so it goes straight to its slot in the sorted list.
+// O(count^2) compares, 8 per AVX2 instruction, but no data-dependent branches: nth_element +
+// sort on the ~80 survivors of a row mispredicted most of their compares (profiled at
+// N = 256: half the kernel's time). Used up to kCountMax candidates.
+constexpr int64_t kCountMax = 128;
+
+#if SLSG_GEMM_AVX2
+// Pads vals with -inf (never before a finite value) and ids with INT32_MAX to a multiple of 8.
+__attribute__((target("avx2"))) inline int64_t pad8(float* vals, int32_t* ids, int64_t count) {
+  int64_t padded = (count + 7) & ~int64_t(7);
+  for (int64_t u = count; u < padded; ++u) {
+    vals[u] = -std::numeric_limits<float>::infinity();
+    ids[u] = std::numeric_limits<int32_t>::max();
+  }
+  return padded;
+}
+
+__attribute__((target("avx2"))) inline int32_t sum8(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// rank[t] = #{u : vals[u] > vals[t], or equal with ids[u] < ids[t]} over `count` finite
+// values with distinct ids; vals and ids have room for count rounded up to 8 (padding).
+// Without ties the rank is #{u : vals[u] >= vals[t]} - 1, one compare per value; a tie shows
+// as two equal ranks, and only then are ids compared.
+__attribute__((target("avx2"))) inline void count_ranks_avx2(float* vals, int32_t* ids,
+                                                             int64_t count, int32_t* rank) {
+  const int64_t padded = pad8(vals, ids, count);
+  uint64_t seen[(kCountMax + 63) / 64] = {};
+  bool tied = false;
+  for (int64_t t = 0; t < count; ++t) {
+    const __m256 vt = _mm256_set1_ps(vals[t]);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t u = 0; u < padded; u += 8)  // a true lane is -1
+      acc = _mm256_sub_epi32(acc, _mm256_castps_si256(_mm256_cmp_ps(_mm256_loadu_ps(vals + u), vt, _CMP_GE_OQ)));
+    const int32_t r = sum8(acc) - 1;
+    rank[t] = r;
+    tied |= (seen[r >> 6] >> (r & 63)) & 1;
+    seen[r >> 6] |= uint64_t(1) << (r & 63);
+  }
+  if (!tied) return;
+  for (int64_t t = 0; t < count; ++t) {
+    const __m256 vt = _mm256_set1_ps(vals[t]);
+    const __m256i it = _mm256_set1_epi32(ids[t]);
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t u = 0; u < padded; u += 8) {
+      const __m256 v = _mm256_loadu_ps(vals + u);
+      const __m256i lower = _mm256_cmpgt_epi32(it, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + u)));
+      const __m256 before = _mm256_or_ps(
+          _mm256_cmp_ps(v, vt, _CMP_GT_OQ),
+          _mm256_and_ps(_mm256_cmp_ps(v, vt, _CMP_EQ_OQ), _mm256_castsi256_ps(lower)));
+      acc = _mm256_sub_epi32(acc, _mm256_castps_si256(before));
+    }
+    rank[t] = sum8(acc);
+  }
+}
+
+#endif
+
+// The r-th largest (1-based) of count values (scrambles vals): quickselect whose partitions
+// have no data-dependent branch (each value is written to both ends of the other buffer, and
+// an end advances by the compare), as nth_element's mispredicted compares cost most of a
+// floor (profiled). Values equal to the pivot drop out, so every round shrinks the range.
+template <typename acc_t>
+acc_t kth_largest(acc_t* vals, int64_t count, int64_t r) {
+  constexpr int64_t kMax = 256;
+  if (count > kMax) {
+    std::nth_element(vals, vals + (r - 1), vals + count, std::greater<acc_t>());
+    return vals[r - 1];
+  }
+  acc_t spare[kMax];
+  acc_t *from = vals, *to = spare;
+  int64_t n = count;
+  while (n > 16) {
+    const acc_t x = from[0], y = from[n / 2], z = from[n - 1];
+    const acc_t pivot = std::max(std::min(x, y), std::min(std::max(x, y), z));  // median of 3
+    int64_t above = 0, below = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      const acc_t v = from[t];
+      to[above] = v;
+      to[n - 1 - below] = v;
+      above += v > pivot;
+      below += v < pivot;
+    }
+    if (r <= above) {
+      n = above;
+    } else if (r <= n - below) {
+      return pivot;
+    } else {
+      r -= n - below;
+      std::copy(to + n - below, to + n, to);  // keep each range at its buffer's start
+      n = below;
+    }
+    std::swap(from, to);
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t above = 0, level = 0;
+    for (int64_t u = 0; u < n; ++u) above += from[u] > from[t], level += from[u] >= from[t];
+    if (above < r && level >= r) return from[t];
+  }
+  return from[0];  // unreachable for 1 <= r <= count
+}
+
 template <typename acc_t>
 int64_t gather_at_least(const acc_t* values, const acc_t* bias, int64_t count, acc_t worst,
                         int64_t first, int64_t skip, Candidate<acc_t>* out) {
@@ -137,6 +245,26 @@ int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
     }
     return n;
   }
+#if SLSG_GEMM_AVX2
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (n + m <= kCountMax && gemm::available()) {
+      // Rank the list and the survivors together; each lands in its slot of the new list.
+      alignas(32) float vals[kCountMax];
+      alignas(32) int32_t ids[kCountMax], rank[kCountMax];
+      const int64_t total = n + m;
+      for (int64_t t = 0; t < n; ++t) vals[t] = list[t].value, ids[t] = static_cast<int32_t>(list[t].index);
+      for (int64_t t = 0; t < m; ++t)
+        vals[n + t] = scratch[t].value, ids[n + t] = static_cast<int32_t>(scratch[t].index);
+      count_ranks_avx2(vals, ids, total, rank);
+      Candidate<acc_t>* placed = scratch + m;
+      for (int64_t t = 0; t < total; ++t)
+        if (rank[t] < capacity) placed[rank[t]] = t < n ? list[t] : scratch[t - n];
+      const int64_t kept = std::min(capacity, total);
+      std::copy(placed, placed + kept, list);
+      return kept;
+    }
+  }
+#endif
   if (m > capacity) {
     for (int64_t t = 0; t < m; ++t) cut[t] = scratch[t].value;
     std::nth_element(cut, cut + capacity - 1, cut + m, std::greater<acc_t>());
@@ -202,10 +330,14 @@ struct TileBuffers {
         cut(kKnnTile) {}
 };
 
-// Rank of the floor among `samples` sampled candidates out of N: about 3 * span of all N
-// score above it (see knn_floors).
-inline int64_t floor_rank(int64_t span, int64_t samples, int64_t N) {
-  return std::clamp<int64_t>((3 * span * samples + N - 1) / N, 1, span);
+// Rank of the floor among `samples` sampled candidates out of N: about margin * span of all
+// N score above it (see knn_floors). Each survivor costs selection work, and a floor above the
+// span-th best value costs a recomputation (knn_refill), so the margin shrinks as the sample
+// grows: a one-tile row samples a quarter of itself (margin 2, about 14 sampled values above
+// the floor at k * dilation = 27), the multi-tile floors 64-256 of all N nodes (margin 3,
+// from 6 sampled values above it at N = 1024; margin 2 there was 20% slower, benchmark).
+inline int64_t floor_rank(int64_t span, int64_t samples, int64_t N, int64_t margin) {
+  return std::clamp<int64_t>((margin * span * samples + N - 1) / N, 1, span);
 }
 
 // Floor of one node of a one-tile graph, from every 4th of its N values (+ bias); -inf when
@@ -216,10 +348,9 @@ acc_t row_floor(const acc_t* values, const acc_t* bias, int64_t N, int64_t span,
   int64_t m = 0;
   for (int64_t j = 0; j < N; j += 4)
     if (j != skip) work[m++] = values[j] + (bias ? bias[j] : acc_t(0));
-  const int64_t rank = floor_rank(span, m, N);
+  const int64_t rank = floor_rank(span, m, N, /*margin=*/2);
   if (m < 2 * rank || m < 16) return -std::numeric_limits<acc_t>::infinity();
-  std::nth_element(work, work + (rank - 1), work + m, std::greater<acc_t>());
-  return work[rank - 1];
+  return kth_largest<acc_t>(work, m, rank);
 }
 
 // One batch item's normalised features, each block of kKnnTile rows packed once as both
@@ -336,7 +467,7 @@ void knn_floors(const at::Tensor& xb, const FloorSample& sample, int64_t span,
   const at::Tensor sims = at::mm(xb, xb.index_select(0, sample.nodes_t).t()).contiguous();  // [N, samples]
   const acc_t* sd = sims.data_ptr<acc_t>();
   const acc_t* bd = sample.bias.defined() ? sample.bias.template data_ptr<acc_t>() : nullptr;
-  const int64_t rank = floor_rank(span, samples, N);
+  const int64_t rank = floor_rank(span, samples, N, /*margin=*/3);
   std::vector<acc_t> row(samples);
   for (int64_t i = 0; i < N; ++i) {
     int64_t m = 0;
@@ -344,8 +475,7 @@ void knn_floors(const at::Tensor& xb, const FloorSample& sample, int64_t span,
       if (!include_self && sample.nodes[t] == i) continue;
       row[m++] = sd[i * samples + t] + (bd ? bd[i * samples + t] : acc_t(0));
     }
-    std::nth_element(row.begin(), row.begin() + (rank - 1), row.begin() + m, std::greater<acc_t>());
-    const acc_t v = row[rank - 1];
+    const acc_t v = kth_largest<acc_t>(row.data(), m, rank);
     floors[i] = v - acc_t(1e-3) * std::max<acc_t>(1, std::abs(v));
   }
 }
@@ -490,6 +620,8 @@ at::Tensor knn_graph_cpu(const at::Tensor& x_in, int64_t k, int64_t dilation,
   TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
               "knn_graph on CPU supports float32 and float64, got ", x_in.scalar_type());
   const int64_t B = x_in.size(0), N = x_in.size(1);
+  // Node ids are ranked as int32 (offer_candidates).
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "knn_graph on CPU supports at most 2^31 - 1 nodes, got ", N);
   at::Tensor out = at::empty({B, N, k}, x_in.options().dtype(at::kLong));
   if (B == 0 || N == 0) return out;
   // Detached: the tiles go through ATen ops, which autograd must not record.

@@ -182,6 +182,24 @@ def test_exact_ties_across_tiles_go_to_lowest_index(dtype):
 
 
 @needs_extension
+@pytest.mark.parametrize("N", [200, 700])
+def test_ties_among_a_few_dozen_candidates_go_to_lowest_index(N):
+    # Nodes with four ones among eight channels: every cosine is an exact multiple of 1/4,
+    # so a node's few dozen candidates above its threshold hold many exact ties. The CPU
+    # kernel ranks such small sets by counting (float32) and must then break ties by index.
+    g = generator(21)
+    picks = torch.rand(3, N, 8, generator=g).argsort(dim=-1)[..., :4]
+    x = torch.zeros(3, N, 8).scatter_(-1, picks, 1.0)
+    bias = torch.zeros(N, N)
+    bias[:, ::7] = 0.25  # moves some candidates up a level, onto others' values
+    for xs in (x[:1], x):
+        for b in (None, bias):
+            for include_self in (True, False):
+                expected = graph_reference.knn_graph(xs, 9, 3, b, include_self)
+                assert torch.equal(ops.knn_graph(xs, 9, 3, b, include_self), expected)
+
+
+@needs_extension
 @pytest.mark.parametrize("include_self", [True, False])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_large_graphs_with_a_position_bias_agree_with_reference(include_self, sign):
