@@ -36,7 +36,14 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"folder not found: {folder}")
     candidates = _walk_files(folder) if recursive else folder.iterdir()
-    return sorted((p for p in candidates if is_image_file(p)), key=lambda p: p.as_posix())
+    images = []
+    for p in candidates:
+        if is_image_file(p):
+            images.append(p)
+        elif p.is_symlink() and not p.exists() and is_image_file(p, must_exist=False):
+            # A link to a moved or deleted image: an unreadable image, not an absent one.
+            raise DataError(f"broken link (its target does not exist): {p} -> {os.readlink(p)}")
+    return sorted(images, key=lambda p: p.as_posix())
 
 
 def _walk_files(folder: Path) -> Iterator[Path]:

@@ -281,7 +281,12 @@ def download(dataset: str, category: str | None, root: str | os.PathLike, url: s
         if blocking:
             raise DownloadError(f"{blocking[0]} exists but is not a complete {dataset} category; move it "
                                 "away (or delete it) and run again")
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise DownloadError(f"--root {root} is a file, not a folder: pass a folder to extract into")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a parent is a file, no permission, read-only disk
+        raise DownloadError(f"cannot create the folder {root}: {error.strerror or error}") from error
 
     url = url or source.url
     expected_sha256 = (sha256 or (source.sha256 if url == source.url else None))

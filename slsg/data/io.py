@@ -25,8 +25,11 @@ class DataError(ValueError):
     """A dataset file or folder is missing, unreadable or inconsistent."""
 
 
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+def is_image_file(path: Path, must_exist: bool = True) -> bool:
+    """Whether `path` names an image (by extension; hidden files such as macOS's ._x.png are
+    not), and with `must_exist`, is a file."""
+    return ((not must_exist or path.is_file()) and path.suffix.lower() in IMAGE_EXTENSIONS
+            and not path.name.startswith("."))
 
 
 def _open(path: str | os.PathLike) -> Image.Image:

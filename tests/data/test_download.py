@@ -207,6 +207,17 @@ def test_incomplete_category_folder_is_reported_before_downloading(bottle_archiv
     assert not (tmp_path / "data" / "bottle.tar.xz").exists()  # nothing fetched
 
 
+def test_root_that_is_a_file_is_reported(bottle_archive, tmp_path):
+    source = tmp_path / "bottle.tar.xz"
+    source.write_bytes(bottle_archive)
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(DownloadError, match="data is a file, not a folder"):
+        download("mvtec-ad", "bottle", tmp_path / "data", url=source.as_uri(), progress=False)
+    with pytest.raises(DownloadError, match="cannot create the folder .*data/sub"):
+        download("mvtec-ad", "bottle", tmp_path / "data" / "sub", url=source.as_uri(), progress=False)
+    assert (tmp_path / "data").read_text() == "not a folder"
+
+
 def test_missing_file_url(tmp_path):
     with pytest.raises(DownloadError, match="cannot read"):
         download("mvtec-ad", "bottle", tmp_path, url=(tmp_path / "absent.tar.xz").as_uri(), progress=False)

@@ -144,3 +144,15 @@ def test_symlinked_subfolders_are_searched_and_loops_end(folder_tree):
     folder = Folder(normal, split="train", test_normal_ratio=0.0, image_size=8)
     assert len(folder) == 33
     assert sum(name.startswith("linked/x") for name in folder.train_files) == 3
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_broken_image_link_is_an_error_naming_it(folder_tree, nested):
+    # A link to a moved image used to be skipped as if absent, training on fewer images.
+    normal = folder_tree / "normal"
+    where = normal / "sub" if nested else normal
+    where.mkdir(exist_ok=True)
+    (where / "gone.png").symlink_to(folder_tree / "moved_away.png")
+    (where / "notes.txt").symlink_to(folder_tree / "also_missing.txt")  # not an image: ignored
+    with pytest.raises(DataError, match=r"broken link.*gone\.png"):
+        Folder(normal, split="train", test_normal_ratio=0.0, image_size=8)
