@@ -456,10 +456,10 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
     std::vector<scalar_t> row_dot(Nq);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t h = bh % H;
-      // This item's gradient slices start at zero; D_i = dO_i . O_i = sum_j P_ij dP_ij is
-      // the softmax backward's row term. Done here rather than by whole-tensor ATen ops:
-      // one parallel region per call.
-      for (at::Tensor* g : {&gq, &gk, &gv}) g->select(0, bh).zero_();
+      // D_i = dO_i . O_i = sum_j P_ij dP_ij is the softmax backward's row term. Done here
+      // rather than by whole-tensor ATen ops: one parallel region per call. The gradient
+      // slices are not zeroed: the first product into each overwrites it (beta = 0), which
+      // saves a pass over them and a read of C in each first product.
       const scalar_t* dod = dout.data_ptr<scalar_t>() + bh * Nq * Dv;
       const scalar_t* od = out.data_ptr<scalar_t>() + bh * Nq * Dv;
       for (int64_t i = 0; i < Nq; ++i) row_dot[i] = dot(dod + i * Dv, od + i * Dv, Dv);
@@ -477,12 +477,16 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
           tile_scores(P, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
           scalar_t* pd = P.data_ptr<scalar_t>();
           for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(pd + r * cols, cols, finite_or_zero(L[r]));
-          gv[bh].narrow(0, k0, cols).addmm_(P.t(), dO);
+          // The first query tile writes each key tile's dk, dv rows; the first key tile
+          // writes each query tile's dq rows.
+          const double first_q = qb == 0 ? 0.0 : 1.0, first_k = k0 == 0 ? 0.0 : 1.0;
+          at::Tensor dK = gk[bh].narrow(0, k0, cols), dV = gv[bh].narrow(0, k0, cols);
+          dV.addmm_(P.t(), dO, first_q);
           at::mm_out(dS, dO, Vt.t());  // dP
           scalar_t* dsd = dS.data_ptr<scalar_t>();
           for (int64_t r = 0; r < rows; ++r) softmax_grad(dsd + r * cols, pd + r * cols, cols, Drow[r]);
-          dQ.addmm_(dS, Kt, 1.0, scale);
-          gk[bh].narrow(0, k0, cols).addmm_(dS.t(), Q, 1.0, scale);
+          dQ.addmm_(dS, Kt, first_k, scale);
+          dK.addmm_(dS.t(), Q, first_q, scale);
           if (bias_grad) {
             std::lock_guard<std::mutex> guard(stripe_locks[h * nqb + qb]);
             gbias[h].narrow(0, q0, rows).narrow(1, k0, cols).add_(dS);
