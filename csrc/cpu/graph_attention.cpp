@@ -524,6 +524,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   at::Tensor gv = at::empty({B * H, Nk, Dv}, q.options());
   at::Tensor gbias = bias_grad ? at::zeros({H, Nq, Nk}, q.options()) : at::empty({0}, q.options());
   if (B * H * Nq * Nk > 0) {
+    // The kernel overwrites dq and dk by products with alpha = scale and beta = 0; some BLAS
+    // back ends (oneDNN with ACL on aarch64) return early on alpha = 0 without writing.
+    if (scale == 0.0) gq.zero_(), gk.zero_();
     AT_DISPATCH_FLOATING_TYPES(dtype, "dense_graph_attention_backward_cpu", [&] {
       dense_backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, scale, H, gq, gk, gv, gbias);
     });
