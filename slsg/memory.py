@@ -19,7 +19,7 @@ import torch
 from . import ops
 from .ops import reference
 from .ops._validate import check_int, check_tensor
-from .utils import atomic_path
+from .utils import all_finite, atomic_path
 
 BACKENDS = ("auto", "kernel", "faiss", "torch")
 INDEX_TYPES = ("flat", "ivfpq")
@@ -77,7 +77,7 @@ class MemoryBank:
         device: str | torch.device = "cpu",
     ) -> None:
         check_tensor("MemoryBank", "features", features, ndim=2, shape_hint="[N, D]", nonempty=True)
-        if not torch.isfinite(features).all():
+        if not all_finite(features):
             raise ValueError("MemoryBank: features contain NaN or Inf")
         if backend not in BACKENDS:
             raise ValueError(f"MemoryBank: backend must be one of {BACKENDS}, got {backend!r}")
@@ -145,7 +145,7 @@ class MemoryBank:
             raise ValueError(f"MemoryBank: index {self.index_config.kind!r} is searched with backend 'faiss', not {backend!r}")
         x = x.detach().to(device=self.features.device, dtype=torch.float32)
         # Every backend rejects them alike (faiss would return index -1, torch NaN).
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError("MemoryBank.search: queries contain NaN or Inf")
         if self._origin is not None:
             x = x - self._origin

@@ -7,6 +7,7 @@ import torch
 
 from . import reference
 from ._extension import EXTENSION_LOADED, use_extension
+from ..utils import all_finite
 from ._validate import check_int, check_tensor
 
 
@@ -61,7 +62,7 @@ def greedy_coreset(
         check_int(op, "projection_dim", projection_dim, 1, 1 << 30, "max")
     # A NaN or Inf row would poison the projection's global scale, so every selection
     # would be meaningless (and the reference would not notice).
-    if not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+    if not torch.compiler.is_compiling() and not all_finite(x):
         raise ValueError(f"{op}: x contains NaN or Inf")
     projected, start = coreset_plan(x, seed, projection_dim)
     if use_extension(op, x.device, backend) and (x.is_cuda or projected.dtype != torch.float16):

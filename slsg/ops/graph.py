@@ -10,6 +10,7 @@ import torch
 
 from . import graph_reference
 from ._extension import EXTENSION_LOADED, use_extension
+from ..utils import all_finite
 from ._validate import check_int, check_same_device, check_tensor
 from .reference import accumulation_dtype
 from .scoring import _kernel_dtype_ok
@@ -22,7 +23,7 @@ def _check_finite(op: str, **tensors: torch.Tensor | None) -> None:
     if torch.compiler.is_compiling():
         return
     for name, t in tensors.items():
-        if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+        if t is not None and not all_finite(t):
             raise ValueError(f"{op}: {name} contains NaN or Inf")
 
 

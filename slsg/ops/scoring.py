@@ -8,6 +8,7 @@ import torch
 
 from . import reference
 from ._extension import EXTENSION_LOADED, use_extension
+from ..utils import all_finite
 from ._validate import check_int, check_same_device, check_tensor
 
 
@@ -49,7 +50,7 @@ def sphere_distance(
     # The kernels reject non-finite inputs; the reference would return NaN silently.
     if not torch.compiler.is_compiling():
         for name, t in (("x", x), ("centers", centers), ("radii", radii)):
-            if t is not None and not torch.isfinite(t).all():
+            if t is not None and not all_finite(t):
                 raise ValueError(f"{op}: {name} contains NaN or Inf")
     return reference.sphere_distance(x, centers, radii, k)
 
