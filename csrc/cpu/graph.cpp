@@ -223,7 +223,9 @@ int64_t gather_at_least(const acc_t* values, const acc_t* bias, int64_t count, a
 // sorted best first with at most `capacity` entries; returns the new length. Chunks whose
 // maximum is below the worst entry of a full list are rejected with one vector pass; the
 // survivors are gathered into `scratch` (room for count + capacity entries) in node order.
-// When more than `capacity` survive, the capacity-th best value is found on a plain float
+// A few survivors are inserted in place; up to kCountMax candidates (list and survivors
+// together) are ranked by counting (count_ranks_avx2) and placed in their slots. Otherwise,
+// when more than `capacity` survive, the capacity-th best value is found on a plain float
 // copy (`cut`, room for count values: one compare per step, several times faster than
 // ordering the pairs, profiled), and only values above it, plus ties at it in node order,
 // are kept. These are sorted and merged with the list in one pass. Candidates below
@@ -267,8 +269,7 @@ int64_t offer_candidates(Candidate<acc_t>* list, int64_t n, int64_t capacity,
 #endif
   if (m > capacity) {
     for (int64_t t = 0; t < m; ++t) cut[t] = scratch[t].value;
-    std::nth_element(cut, cut + capacity - 1, cut + m, std::greater<acc_t>());
-    const acc_t threshold = cut[capacity - 1];
+    const acc_t threshold = kth_largest<acc_t>(cut, m, capacity);
     int64_t above = 0;
     for (int64_t t = 0; t < m; ++t) above += scratch[t].value > threshold;
     int64_t ties = capacity - above, kept = 0;

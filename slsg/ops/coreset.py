@@ -5,9 +5,9 @@ import math
 
 import torch
 
+from ..utils import all_finite
 from . import reference
 from ._extension import EXTENSION_LOADED, use_extension
-from ..utils import all_finite
 from ._validate import check_int, check_tensor
 
 

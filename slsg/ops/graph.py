@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..utils import all_finite
 from . import graph_reference
 from ._extension import EXTENSION_LOADED, use_extension
-from ..utils import all_finite
 from ._validate import check_int, check_same_device, check_tensor
 from .reference import accumulation_dtype
 from .scoring import _kernel_dtype_ok

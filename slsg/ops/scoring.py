@@ -6,9 +6,9 @@ import math
 
 import torch
 
+from ..utils import all_finite
 from . import reference
 from ._extension import EXTENSION_LOADED, use_extension
-from ..utils import all_finite
 from ._validate import check_int, check_same_device, check_tensor
 
 
