@@ -330,3 +330,33 @@ def test_keep_aspect_model_without_input_scale_is_rejected(tmp_path):
     (tmp_path / "detector.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="input_scale"):
         load_detector(tmp_path)
+
+
+def test_score_reweighting_matches_patchcore_formula(fitted):
+    """score_reweight=b scales the map maximum by PatchCore's weight, computed here by brute force
+    from the embeddings and the whole bank (cdist, argsort) rather than through the bank search."""
+    import copy
+    detector = copy.copy(fitted)
+    detector.config = MemoryBankConfig(**{**fitted.config.__dict__, "score_reweight": 4})
+    anomalous, _ = with_defect(normal_image(200))
+    images = torch.stack([normal_image(201), anomalous])
+    plain, maps = fitted.predict(images)
+    weighted, maps_w = detector.predict(images)
+    torch.testing.assert_close(maps_w, maps)  # the map is unchanged
+    bank = fitted.bank.features
+    emb = fitted.embed(images).flatten(1, 2)  # [B, P, D]
+    for b in range(2):
+        d_all = torch.cdist(emb[b].double(), bank.double())  # [P, N]
+        worst = d_all.min(1).values.argmax()
+        m_star = d_all[worst].argmin()
+        support = torch.cdist(bank[m_star][None].double(), bank.double())[0].argsort()[:4]
+        assert support[0] == m_star
+        d = d_all[worst, support]
+        weight = 1 - torch.softmax(d, 0)[0]
+        assert 0 < weight < 1
+        torch.testing.assert_close(weighted[b].double(), plain[b].double() * weight, rtol=1e-4, atol=1e-6)
+
+
+def test_score_reweight_rejects_one_neighbour():
+    with pytest.raises(ValueError, match="score_reweight"):
+        MemoryBankConfig(score_reweight=1)
