@@ -27,11 +27,13 @@ TORCH_LIBRARY(slsg, m) {
   m.def("sparse_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor index, Tensor? bias, Tensor lse, float scale, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  // Softmax attention over all nodes with an online softmax: returns (out, logsumexp).
-  m.def("dense_graph_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale) "
-        "-> (Tensor, Tensor)");
+  // Softmax attention over all nodes with an online softmax: returns (out, logsumexp,
+  // scores). scores, the pre-softmax [B, H, Nq, Nk], is kept only when keep_scores (CPU only;
+  // the caller bounds its size) and spares the backward one matrix product; else it is empty.
+  m.def("dense_graph_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
+        "bool keep_scores=False) -> (Tensor, Tensor, Tensor)");
   m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-        "Tensor? bias, Tensor out, Tensor lse, float scale, bool bias_grad) "
+        "Tensor? bias, Tensor out, Tensor lse, Tensor? scores, float scale, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // Which matrix product the CPU scoring and kNN kernels use: "avx2" (ours) or "blas".
   m.def("cpu_gemm() -> str", []() -> std::string { return slsg::gemm::available() ? "avx2" : "blas"; });

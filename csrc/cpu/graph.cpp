@@ -759,6 +759,7 @@ at::Tensor max_relative_backward_cpu(const at::Tensor& grad_in, const at::Tensor
   check_cpu_float("max_relative_backward", x_in);
   TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "max_relative_backward: grad must have x's shape ",
               x_in.sizes(), ", got ", grad_in.sizes());
+  check_same_device("max_relative_backward", "grad", grad_in, x_in);
   TORCH_CHECK(index_in.size(2) < std::numeric_limits<int32_t>::max(),
               "max_relative_backward: too many neighbours per node: ", index_in.size(2));
   const at::Tensor x = x_in.contiguous();

@@ -11,7 +11,8 @@
 // output when a later tile raises the row maximum; the softmax work is fused row passes
 // over the tile while it is in cache. Extra memory is a few tiles per thread, never an
 // N x N matrix. The backward recomputes the probabilities tile by tile from the saved
-// logsumexp.
+// logsumexp, from the scores themselves when the forward kept them (keep_scores: the caller
+// allows it when they are small), else from a fresh Q K^T product.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -261,9 +262,11 @@ static inline __attribute__((always_inline)) float row_max_body(const float* s, 
   return m;
 }
 
-static inline __attribute__((always_inline)) float exp_shifted_sum_body(float* __restrict s, int64_t n, float shift) {
-  for (int64_t j = 0; j < n; ++j) s[j] = exp_approx(s[j] - shift);
-  return sum_body(s, n);
+// out may be in (in place); no __restrict, so GCC checks the overlap once per call.
+static inline __attribute__((always_inline)) float exp_shifted_sum_body(const float* in, float* out, int64_t n,
+                                                                        float shift) {
+  for (int64_t j = 0; j < n; ++j) out[j] = exp_approx(in[j] - shift);
+  return sum_body(out, n);
 }
 
 static inline __attribute__((always_inline)) void softmax_grad_body(float* __restrict dp, const float* __restrict p,
@@ -273,10 +276,14 @@ static inline __attribute__((always_inline)) void softmax_grad_body(float* __res
 
 #define SLSG_AVX2 __attribute__((target("avx2,fma")))
 SLSG_AVX2 float row_max_avx2(const float* s, int64_t n) { return row_max_body(s, n); }
-SLSG_AVX2 float exp_shifted_sum_avx2(float* s, int64_t n, float shift) { return exp_shifted_sum_body(s, n, shift); }
+SLSG_AVX2 float exp_shifted_sum_avx2(const float* in, float* out, int64_t n, float shift) {
+  return exp_shifted_sum_body(in, out, n, shift);
+}
 SLSG_AVX2 void softmax_grad_avx2(float* dp, const float* p, int64_t n, float d) { softmax_grad_body(dp, p, n, d); }
 float row_max_base(const float* s, int64_t n) { return row_max_body(s, n); }
-float exp_shifted_sum_base(float* s, int64_t n, float shift) { return exp_shifted_sum_body(s, n, shift); }
+float exp_shifted_sum_base(const float* in, float* out, int64_t n, float shift) {
+  return exp_shifted_sum_body(in, out, n, shift);
+}
 void softmax_grad_base(float* dp, const float* p, int64_t n, float d) { softmax_grad_body(dp, p, n, d); }
 #undef SLSG_AVX2
 
@@ -289,8 +296,8 @@ const bool kHasAvx2 = [] {
 }();
 
 float row_max_f(const float* s, int64_t n) { return kHasAvx2 ? row_max_avx2(s, n) : row_max_base(s, n); }
-float exp_shifted_sum_f(float* s, int64_t n, float shift) {
-  return kHasAvx2 ? exp_shifted_sum_avx2(s, n, shift) : exp_shifted_sum_base(s, n, shift);
+float exp_shifted_sum_f(const float* in, float* out, int64_t n, float shift) {
+  return kHasAvx2 ? exp_shifted_sum_avx2(in, out, n, shift) : exp_shifted_sum_base(in, out, n, shift);
 }
 void softmax_grad_f(float* dp, const float* p, int64_t n, float d) {
   kHasAvx2 ? softmax_grad_avx2(dp, p, n, d) : softmax_grad_base(dp, p, n, d);
@@ -308,14 +315,14 @@ T row_max(const T* s, int64_t n) {
   }
 }
 
-// s[j] = exp(s[j] - shift); returns the sum.
+// out[j] = exp(in[j] - shift) (out may be in); returns the sum.
 template <typename T>
-T exp_shifted_sum(T* s, int64_t n, T shift) {
+T exp_shifted_sum(const T* in, T* out, int64_t n, T shift) {
   if constexpr (std::is_same_v<T, float>) {
-    return exp_shifted_sum_f(s, n, shift);
+    return exp_shifted_sum_f(in, out, n, shift);
   } else {
     T sum = 0;
-    for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - shift));
+    for (int64_t j = 0; j < n; ++j) sum += (out[j] = std::exp(in[j] - shift));
     return sum;
   }
 }
@@ -370,10 +377,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flat_qkv(const at::Tensor& q_in, 
   return {q, k, v};
 }
 
+// With `scores` defined ([BH, Nq, Nk]), each tile's scores are written there and
+// exponentiated into the per-thread tile, so the backward can skip recomputing them.
 template <typename scalar_t>
 void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& bias, double scale, int64_t H, at::Tensor& out,
-                          at::Tensor& lse) {
+                          at::Tensor& lse, const at::Tensor& scores) {
   const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTile - 1) / kQueryTile;
   at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
@@ -389,13 +398,16 @@ void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t cols = std::min(kKeyTile, Nk - k0);
         const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
         at::Tensor S = tile_view(buffer, rows, cols);
-        tile_scores(S, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
+        at::Tensor raw = scores.defined() ? scores[bh].narrow(0, q0, rows).narrow(1, k0, cols) : S;
+        tile_scores(raw, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
         scalar_t* sd = S.data_ptr<scalar_t>();
+        const scalar_t* rd = raw.data_ptr<scalar_t>();
+        const int64_t raw_stride = raw.stride(0);
         for (int64_t r = 0; r < rows; ++r) {
-          scalar_t* row = sd + r * cols;
+          const scalar_t* row = rd + r * raw_stride;
           const scalar_t m_new = k0 == 0 ? row_max(row, cols) : std::max(m[r], row_max(row, cols));
           const scalar_t shift = finite_or_zero(m_new);
-          const scalar_t sum = exp_shifted_sum(row, cols, shift);
+          const scalar_t sum = exp_shifted_sum(row, sd + r * cols, cols, shift);
           // alpha rescales what earlier tiles summed under the old maximum.
           alpha[r] = k0 == 0 ? scalar_t(0) : std::exp(m[r] - shift);
           l[r] = (k0 == 0 ? scalar_t(0) : l[r] * alpha[r]) + sum;
@@ -419,11 +431,9 @@ void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cpu(const at::Tensor& q_in,
-                                                             const at::Tensor& k_in,
-                                                             const at::Tensor& v_in,
-                                                             const std::optional<at::Tensor>& bias_in,
-                                                             double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& bias_in, double scale, bool keep_scores) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cpu_float("dense_graph_attention", q_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dv = v_in.size(3);
@@ -431,19 +441,22 @@ std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cpu(const at::Tensor& q
   const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
   at::Tensor out = at::empty({B * H, Nq, Dv}, q.options());
   at::Tensor lse = at::empty({B * H, Nq}, q.options());
+  const int64_t Nk = k_in.size(2);
+  at::Tensor scores = keep_scores ? at::empty({B * H, Nq, Nk}, q.options()) : at::Tensor();
   if (B * H * Nq > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dense_graph_attention_cpu", [&] {
-      dense_forward_kernel<scalar_t>(q, k, v, bias, scale, H, out, lse);
+      dense_forward_kernel<scalar_t>(q, k, v, bias, scale, H, out, lse, scores);
     });
   }
-  return {out.view({B, H, Nq, Dv}), lse.view({B, H, Nq})};
+  return {out.view({B, H, Nq, Dv}), lse.view({B, H, Nq}),
+          keep_scores ? scores.view({B, H, Nq, Nk}) : at::empty({0}, q.options())};
 }
 
 template <typename scalar_t>
 void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
-                           const at::Tensor& lse, double scale, int64_t H, at::Tensor& gq,
-                           at::Tensor& gk, at::Tensor& gv, at::Tensor& gbias) {
+                           const at::Tensor& lse, const at::Tensor& scores, double scale, int64_t H,
+                           at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, at::Tensor& gbias) {
   const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTileB - 1) / kQueryTileB;
   const bool bias_grad = gbias.numel() > 0;
@@ -474,9 +487,14 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
           const int64_t cols = std::min(kKeyTileB, Nk - k0);
           const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
           at::Tensor P = tile_view(p_buffer, rows, cols), dS = tile_view(dp_buffer, rows, cols);
-          tile_scores(P, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
           scalar_t* pd = P.data_ptr<scalar_t>();
-          for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(pd + r * cols, cols, finite_or_zero(L[r]));
+          if (scores.defined()) {  // kept by the forward: P = exp(S - lse) straight from them
+            const scalar_t* sd = scores.data_ptr<scalar_t>() + (bh * Nq + q0) * Nk + k0;
+            for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(sd + r * Nk, pd + r * cols, cols, finite_or_zero(L[r]));
+          } else {
+            tile_scores(P, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
+            for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(pd + r * cols, pd + r * cols, cols, finite_or_zero(L[r]));
+          }
           // The first query tile writes each key tile's dk, dv rows; the first key tile
           // writes each query tile's dq rows.
           const double first_q = qb == 0 ? 0.0 : 1.0, first_k = k0 == 0 ? 0.0 : 1.0;
@@ -500,7 +518,7 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& out_in,
-    const at::Tensor& lse_in, double scale, bool bias_grad) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& scores_in, double scale, bool bias_grad) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cpu_float("dense_graph_attention_backward", q_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
@@ -514,8 +532,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   check_same_device("dense_graph_attention_backward", "grad_out", grad_out_in, q_in);
   check_same_device("dense_graph_attention_backward", "out", out_in, q_in);
   check_same_device("dense_graph_attention_backward", "lse", lse_in, q_in);
+  const bool kept = scores_in.has_value() && scores_in->numel() > 0;
+  if (kept) {
+    TORCH_CHECK(scores_in->sizes() == at::IntArrayRef({B, H, Nq, Nk}) && scores_in->scalar_type() == q_in.scalar_type(),
+                "dense_graph_attention_backward: scores must be ", q_in.scalar_type(), " [B, H, Nq, Nk] = [", B, ", ", H,
+                ", ", Nq, ", ", Nk, "], got ", scores_in->scalar_type(), " ", scores_in->sizes());
+    check_same_device("dense_graph_attention_backward", "scores", *scores_in, q_in);
+  }
   const auto dtype = q_in.scalar_type();
   const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
+  const at::Tensor scores = kept ? scores_in->detach().contiguous().view({B * H, Nq, Nk}) : at::Tensor();
   const at::Tensor dout = grad_out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
   const at::Tensor lse = lse_in.detach().to(dtype).contiguous().view({B * H, Nq});
   const at::Tensor out = out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
@@ -528,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
     // back ends (oneDNN with ACL on aarch64) return early on alpha = 0 without writing.
     if (scale == 0.0) gq.zero_(), gk.zero_();
     AT_DISPATCH_FLOATING_TYPES(dtype, "dense_graph_attention_backward_cpu", [&] {
-      dense_backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, scale, H, gq, gk, gv, gbias);
+      dense_backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, scores, scale, H, gq, gk, gv, gbias);
     });
   } else {
     gq.zero_(), gk.zero_(), gv.zero_();

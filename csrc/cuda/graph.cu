@@ -179,6 +179,7 @@ at::Tensor max_relative_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   check_cuda_dtype("max_relative_backward", x_in);
   TORCH_CHECK(grad_in.sizes() == x_in.sizes(), "max_relative_backward: grad must have x's shape ",
               x_in.sizes(), ", got ", grad_in.sizes());
+  check_same_device("max_relative_backward", "grad", grad_in, x_in);  // a host grad: illegal address
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor index = index_in.contiguous();

@@ -455,13 +455,13 @@ dim3 dense_grid(int64_t rows, int64_t BH, unsigned slices) {
   return dim3(static_cast<unsigned>(blocks), 1, std::max(1u, slices));
 }
 
-std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cuda(const at::Tensor& q_in,
-                                                              const at::Tensor& k_in,
-                                                              const at::Tensor& v_in,
-                                                              const std::optional<at::Tensor>& bias_in,
-                                                              double scale) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& bias_in, double scale, bool keep_scores) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cuda_dtype("dense_graph_attention", q_in);
+  // The backward kernels recompute the scores; keeping them is a CPU trade.
+  TORCH_CHECK(!keep_scores, "dense_graph_attention: keep_scores=True is CPU-only, got a ", q_in.device(), " tensor");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
@@ -470,7 +470,8 @@ std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cuda(const at::Tensor& 
   const auto acc = accumulation_type(q.scalar_type());
   at::Tensor out = at::empty({B, H, Nq, Dv}, q.options());
   at::Tensor lse = at::empty({B, H, Nq}, q.options().dtype(acc));
-  if (B * H * Nq == 0) return {out, lse};
+  at::Tensor no_scores = at::empty({0}, q.options());
+  if (B * H * Nq == 0) return {out, lse, no_scores};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "dense_graph_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
@@ -486,15 +487,17 @@ std::tuple<at::Tensor, at::Tensor> dense_graph_attention_cuda(const at::Tensor& 
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, lse};
+  return {out, lse, no_scores};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& out_in,
-    const at::Tensor& lse_in, double scale, bool bias_grad) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& scores, double scale, bool bias_grad) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cuda_dtype("dense_graph_attention_backward", q_in);
+  TORCH_CHECK(!scores.has_value() || scores->numel() == 0,
+              "dense_graph_attention_backward: kept scores are CPU-only; on CUDA pass none");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from slsg import ops
+from slsg.ops import graph as graph_ops
 from slsg.ops import graph_reference
 
 from .graph_helpers import generator, peak_rss_increase_mib, tolerances
@@ -40,9 +41,13 @@ def test_reference_agrees_with_sdpa():
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_reference(device, B, H, Nq, Nk, D, Dv, with_bias, dtype):
+@pytest.mark.parametrize("kept_scores", [True, False])
+def test_matches_reference(device, B, H, Nq, Nk, D, Dv, with_bias, dtype, kept_scores, monkeypatch):
     # Shapes cover several query tiles, several key tiles (Nk > 1024: the online rescaling),
-    # and feature sizes above the CUDA kernels' per-slice width.
+    # and feature sizes above the CUDA kernels' per-slice width. The CPU backward either
+    # reads the scores its forward kept or recomputes them (a size limit of 0 bytes).
+    if not kept_scores:
+        monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 0)
     g = generator(B, H, Nq, Nk, D, Dv)
     inputs = make_inputs(B, H, Nq, Nk, D, Dv, g, with_bias=with_bias)
     grad_out = torch.randn(B, H, Nq, Dv, generator=g, dtype=torch.float64)
@@ -192,10 +197,44 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v, bias, 0.5))
     torch.library.opcheck(op, (q, k, v, None, 0.5))
     torch.library.opcheck(op, tuple(t.double().requires_grad_() for t in (q, k, v, bias)) + (0.5,))
-    out, lse = op(q, k, v, bias, 0.5)
+    torch.library.opcheck(op, tuple(t.double().requires_grad_() for t in (q, k, v, bias)) + (0.5, True))
+    out, lse, none = op(q, k, v, bias, 0.5)
+    _, _, scores = op(q, k, v, bias, 0.5, True)
+    assert none.numel() == 0
+    torch.testing.assert_close(scores, 0.5 * q @ k.transpose(-1, -2) + bias)
     backward = torch.ops.slsg.dense_graph_attention_backward.default
     for bias_grad in (True, False):
-        torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, bias, out, lse, 0.5, bias_grad))
+        for kept in (None, scores):
+            torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, bias, out, lse, kept, 0.5, bias_grad))
+
+
+@needs_extension
+def test_scores_are_kept_only_when_a_gradient_is_needed_and_they_are_small(monkeypatch):
+    calls = []
+    real = torch.ops.slsg.dense_graph_attention
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[5])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.slsg, "dense_graph_attention", Spy())
+    q, k, v, bias = make_inputs(2, 2, 9, 7, 4, 3, generator(9), dtype=torch.float32)
+    ops.dense_graph_attention(q, k, v, bias)  # no input needs a gradient
+    ops.dense_graph_attention(q, k, v.requires_grad_(), bias)
+    with torch.no_grad():
+        ops.dense_graph_attention(q, k, v, bias)
+    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 2 * 2 * 9 * 7 * 4 - 1)  # one byte short
+    ops.dense_graph_attention(q, k, v, bias)
+    assert calls == [False, True, False, False]
+
+
+@needs_extension
+def test_backward_rejects_scores_of_the_wrong_shape():
+    q, k, v, bias = make_inputs(1, 2, 5, 6, 4, 3, generator(10), dtype=torch.float32)
+    out, lse, _ = torch.ops.slsg.dense_graph_attention(q, k, v, bias, 0.5)
+    with pytest.raises(RuntimeError, match=r"scores must be .*\[1, 2, 5, 6\]"):
+        torch.ops.slsg.dense_graph_attention_backward(out, q, k, v, bias, out, lse, torch.zeros(1, 2, 6, 5), 0.5, False)
 
 
 @needs_extension
@@ -228,3 +267,4 @@ def test_memory_is_bounded_at_4096_nodes():
         "slsg.ops.dense_graph_attention(q, k, v, bias).sum().backward()\n"
     )
     assert grew < 48, f"dense_graph_attention peak memory grew by {grew:.0f} MiB"
+

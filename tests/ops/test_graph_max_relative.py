@@ -152,6 +152,15 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.slsg.max_relative_backward.default, (torch.randn(2, 9, 4, generator=g), x, index))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_extension
+def test_backward_on_cuda_rejects_a_host_gradient():
+    x = torch.randn(2, 9, 4, device="cuda")
+    index = random_index(2, 9, 3, generator(7)).cuda()
+    with pytest.raises(RuntimeError, match="grad"):
+        torch.ops.slsg.max_relative_backward(torch.randn(2, 9, 4), x, index)
+
+
 @needs_extension
 def test_torch_compile_fullgraph_forward_and_backward():
     def loss(x, index):
