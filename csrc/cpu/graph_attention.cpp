@@ -50,6 +50,12 @@ void check_cpu_float(const char* op, const at::Tensor& t) {
               " on CPU supports float32 and float64, got ", t.scalar_type());
 }
 
+// A shift of 0 for rows whose scores are all -inf, so that exp gives 0, not NaN.
+template <typename T>
+inline T finite_or_zero(T m) {
+  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
+}
+
 // ---- sparse ------------------------------------------------------------------------------
 
 template <typename scalar_t>
@@ -80,18 +86,21 @@ void sparse_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::T
         s[t] = scale * dot(qi, kb + nb[t] * D, D) + (bd ? bd[r * K + t] : scalar_t(0));
         m = std::max(m, s[t]);
       }
+      // A fully masked row (every score -inf): shift 0, so p = 0, lse = -inf and the
+      // output is 0 / 0 = NaN, as in the reference, but the backward sees p = 0, not NaN.
+      const scalar_t shift = finite_or_zero(m);
       scalar_t* o = od + r * Dv;
       std::fill(o, o + Dv, scalar_t(0));
       scalar_t l = 0;
       for (int64_t t = 0; t < K; ++t) {
-        const scalar_t p = std::exp(s[t] - m);
+        const scalar_t p = std::exp(s[t] - shift);
         l += p;
         axpy(o, p, vb + nb[t] * Dv, Dv);
       }
       const scalar_t inv = scalar_t(1) / l;
 #pragma omp simd
       for (int64_t d = 0; d < Dv; ++d) o[d] *= inv;
-      ld[r] = m + std::log(l);
+      ld[r] = shift + std::log(l);
     }
   });
 }
@@ -150,9 +159,10 @@ void sparse_backward_kernel(const at::Tensor& grad_out, const at::Tensor& q, con
         const int64_t* nb = idx + (b * N + i) * K;
         // p = softmax recomputed from the saved logsumexp; dp = dL/dp; D_i = sum p dp.
         scalar_t row_dot = 0;
+        const scalar_t row_lse = finite_or_zero(ld[r]);  // a fully masked row: p = 0, not NaN
         for (int64_t t = 0; t < K; ++t) {
           const scalar_t s = scale * dot(qi, kb + nb[t] * D, D) + (bd ? bd[r * K + t] : scalar_t(0));
-          p[t] = std::exp(s - ld[r]);
+          p[t] = std::exp(s - row_lse);
           dp[t] = dot(doi, vb + nb[t] * Dv, Dv);
           row_dot += p[t] * dp[t];
         }
@@ -335,12 +345,6 @@ void softmax_grad(T* dp, const T* p, int64_t n, T row_dot) {
   } else {
     for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - row_dot);
   }
-}
-
-// A shift of 0 for rows whose scores are all -inf, so that exp gives 0, not NaN.
-template <typename T>
-inline T finite_or_zero(T m) {
-  return m == -std::numeric_limits<T>::infinity() ? T(0) : m;
 }
 
 // Tile sizes (rows of Q x rows of K): GEMMs large enough for BLAS speed, a score tile of

@@ -123,7 +123,7 @@ __global__ void sparse_backward_kernel(const scalar_t* __restrict__ grad_out,
   const scalar_t* kb = k + bh * N * D;
   const scalar_t* vb = v + bh * N * Dv;
   const int64_t* nb = index + (b * N + i) * K;
-  const acc_t row_lse = lse[row];
+  const acc_t row_lse = shift_or_zero(lse[row]);  // a fully masked row: p = 0, not NaN
   auto prob = [&](int64_t t) {
     acc_t s = warp_dot<scalar_t, acc_t>(qi, kb + nb[t] * D, D, lane) * scale;
     if (bias) s += to_acc<acc_t>(bias[row * K + t]);

@@ -70,6 +70,34 @@ def test_matches_reference(device, B, H, N, D, Dv, K, with_bias, dtype):
         torch.testing.assert_close(a.double().cpu(), b, **tolerances(dtype))
 
 
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device):
+    # A node whose every edge bias is -inf (a padded node, say): its output is 0 / 0 = NaN
+    # as in the reference, but with no gradient flowing from it, the other nodes' gradients
+    # stay finite and equal the reference's with that row unmasked (a row with zero
+    # grad_out contributes nothing to them).
+    g = generator(12)
+    q, k, v, index, bias = make_inputs(2, 2, 10, 4, 3, 5, g)
+    masked = bias.clone()
+    masked[1, 0, 3] = float("-inf")
+    masked[0, 1, 7, :2] = float("-inf")  # a partly masked row, for contrast
+    grad_out = torch.randn(2, 2, 10, 3, generator=g, dtype=torch.float64)
+    grad_out[1, 0, 3] = 0.0
+    inputs = [t.to(device) for t in (q, k, v, index, masked)]
+    out, grads = grads_of(ops.sparse_graph_attention, inputs, grad_out.to(device))
+    assert torch.isnan(out[1, 0, 3]).all()
+    unmasked = masked.clone()
+    unmasked[1, 0, 3] = 0.0
+    ref_out, ref_grads = grads_of(graph_reference.sparse_graph_attention, (q, k, v, index, unmasked), grad_out)
+    keep = torch.ones(2, 2, 10, dtype=torch.bool)
+    keep[1, 0, 3] = False
+    torch.testing.assert_close(out.cpu()[keep], ref_out[keep])
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu(), want)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(device, dtype):
