@@ -50,7 +50,9 @@ def greedy_coreset(
 
     The features are first projected to ``projection_dim`` dimensions with a seeded
     Gaussian projection (None: no projection); the start row is drawn from the same seed.
-    Every backend makes the identical selection for the same seed.
+    Every backend makes the identical selection for the same seed: exactly on the int8
+    features of a projection; with ``projection_dim=None`` up to float64 rounding (each
+    backend sums in its own order, so two rows whose distances agree to ~1e-16 may swap).
     """
     op = "greedy_coreset"
     check_tensor(op, "x", x, ndim=2, shape_hint="[N, D]", nonempty=True)
