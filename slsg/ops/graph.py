@@ -177,7 +177,7 @@ def dense_graph_attention(
     ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]`` and an optional additive
     ``bias [H, Nq, Nk]`` (shared by the batch). ``scale`` defaults to 1/sqrt(D). The kernels
     work in tiles; the only ``Nq x Nk`` buffer is the CPU's copy of the scores kept for the
-    backward, and only while it fits in ``KEPT_SCORES_MAX_BYTES`` (64 MiB). Returns
+    backward, and only while it is smaller than ``KEPT_SCORES_MAX_BYTES`` (32 MiB). Returns
     ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias.
     """
     op = "dense_graph_attention"
@@ -200,10 +200,13 @@ def dense_graph_attention(
 
 
 # The CPU forward may keep the pre-softmax scores [B, H, Nq, Nk] for the backward, which then
-# skips one of its five matrix products per tile (about a tenth of fwd+bwd). Up to this size
-# only: beyond it the scores are recomputed tile by tile, so memory stays bounded. The CUDA
-# kernels always recompute (their tiles live in registers and shared memory).
-KEPT_SCORES_MAX_BYTES = 64 << 20
+# skips one of its five matrix products per tile. Only below glibc's largest mmap threshold
+# (32 MiB): a smaller buffer is served from the heap once the process runs in a loop, a larger
+# one is mapped and faulted in afresh on every step, which cost more than the product saved
+# at D = 16-128 (B = 8, N = 1024: 0.84x-0.97x; 2 MiB-16 MiB buffers: 1.02x-1.14x faster,
+# benchmarks/RESULTS.md). Larger problems recompute the scores tile by tile, so memory stays
+# bounded. The CUDA kernels always recompute (their tiles live in registers and shared memory).
+KEPT_SCORES_MAX_BYTES = 32 << 20
 
 
 def _keep_dense_scores(q, k, v, bias) -> bool:
@@ -212,7 +215,7 @@ def _keep_dense_scores(q, k, v, bias) -> bool:
     if not any(t is not None and t.requires_grad for t in (q, k, v, bias)):
         return False
     B, H, Nq, _ = q.shape
-    return B * H * Nq * k.shape[2] * q.element_size() <= KEPT_SCORES_MAX_BYTES
+    return B * H * Nq * k.shape[2] * q.element_size() < KEPT_SCORES_MAX_BYTES
 
 
 # An extension built before the graph ops existed has no schemas for them: stay on the

@@ -224,7 +224,7 @@ def test_scores_are_kept_only_when_a_gradient_is_needed_and_they_are_small(monke
     ops.dense_graph_attention(q, k, v.requires_grad_(), bias)
     with torch.no_grad():
         ops.dense_graph_attention(q, k, v, bias)
-    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 2 * 2 * 9 * 7 * 4 - 1)  # one byte short
+    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 2 * 2 * 9 * 7 * 4)  # only smaller ones are kept
     ops.dense_graph_attention(q, k, v, bias)
     assert calls == [False, True, False, False]
 
