@@ -15,6 +15,7 @@
 // allows it when they are small), else from a fresh Q K^T product.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include <type_traits>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "../checks.h"
@@ -389,7 +391,12 @@ void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& lse, const at::Tensor& scores) {
   const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTile - 1) / kQueryTile;
+  // The tiles go through ATen ops writing into out; under inference_mode out is an
+  // inference tensor, and pool threads do not inherit the mode, so they re-enter it.
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
+    std::optional<c10::InferenceMode> mode;
+    if (inference) mode.emplace();
     at::Tensor buffer = at::empty({kQueryTile * std::min(kKeyTile, Nk)}, q.options());
     std::vector<scalar_t> m(kQueryTile), l(kQueryTile), alpha(kQueryTile);
     for (int64_t w = begin; w < end; ++w) {
@@ -467,7 +474,10 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
   // Items (b, h) own their dq, dk, dv; the bias gradient sums over the batch, so the items
   // of one head share it: one lock per (head, query tile) stripe.
   std::unique_ptr<std::mutex[]> stripe_locks(new std::mutex[std::max<int64_t>(1, H * nqb)]);
+  const bool inference = c10::InferenceMode::is_enabled();  // as in the forward
   at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+    std::optional<c10::InferenceMode> mode;
+    if (inference) mode.emplace();
     const int64_t tile = std::min(kQueryTileB, Nq) * std::min(kKeyTileB, Nk);
     at::Tensor p_buffer = at::empty({tile}, q.options()), dp_buffer = at::empty({tile}, q.options());
     std::vector<scalar_t> row_dot(Nq);
@@ -479,7 +489,12 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
       // saves a pass over them and a read of C in each first product.
       const scalar_t* dod = dout.data_ptr<scalar_t>() + bh * Nq * Dv;
       const scalar_t* od = out.data_ptr<scalar_t>() + bh * Nq * Dv;
-      for (int64_t i = 0; i < Nq; ++i) row_dot[i] = dot(dod + i * Dv, od + i * Dv, Dv);
+      // A fully masked row (lse = -inf) has out = NaN; its P row is 0, so is its D_i (else
+      // 0 * NaN would spill NaN into dk and the bias gradient).
+      const scalar_t* lsed = lse.data_ptr<scalar_t>() + bh * Nq;
+      for (int64_t i = 0; i < Nq; ++i)
+        row_dot[i] = lsed[i] == -std::numeric_limits<scalar_t>::infinity() ? scalar_t(0)
+                                                                           : dot(dod + i * Dv, od + i * Dv, Dv);
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t q0 = qb * kQueryTileB, rows = std::min(kQueryTileB, Nq - q0);
         const at::Tensor Q = q[bh].narrow(0, q0, rows);

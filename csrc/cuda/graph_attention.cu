@@ -517,7 +517,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   const at::Tensor lse = lse_in.to(acc).contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   // D_i = dO_i . O_i, the softmax backward's row term, in the accumulation type.
-  const at::Tensor row_dot = (grad_out.to(acc) * out_in.to(acc)).sum(-1).contiguous();
+  // 0 for a fully masked row (lse = -inf, out = NaN): its P row is 0 (else 0 * NaN spills).
+  const at::Tensor row_dot = (grad_out.to(acc) * out_in.to(acc)).sum(-1).masked_fill(lse.isneginf(), 0).contiguous();
   at::Tensor gq = at::empty_like(q), gk = at::empty_like(k), gv = at::empty_like(v);
   at::Tensor gbias = bias_grad ? at::zeros({H, Nq, Nk}, q.options().dtype(acc)) : at::Tensor();
   if (B * H * Nq == 0 || Nk == 0) {

@@ -268,3 +268,54 @@ def test_memory_is_bounded_at_4096_nodes():
     )
     assert grew < 48, f"dense_graph_attention peak memory grew by {grew:.0f} MiB"
 
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("kept_scores", [True, False])
+def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device, kept_scores, monkeypatch):
+    # A query row whose bias is all -inf: its output is 0 / 0 = NaN, as in the reference;
+    # with no gradient flowing from it, every gradient stays finite and equals the
+    # reference's with that row unmasked (a row with zero grad_out contributes nothing).
+    if not kept_scores:
+        monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 0)
+    g = generator(13)
+    q, k, v, bias = make_inputs(1, 2, 40, 600, 4, 3, g)
+    masked = bias.clone()
+    masked[0, 5] = float("-inf")
+    masked[1, 7, :550] = float("-inf")  # partly masked, across both CPU key tiles
+    grad_out = torch.randn(1, 2, 40, 3, generator=g, dtype=torch.float64)
+    grad_out[0, 0, 5] = 0.0
+    out, grads = grads_of(ops.dense_graph_attention, [t.to(device) for t in (q, k, v, masked)], grad_out.to(device))
+    assert torch.isnan(out[0, 0, 5]).all()
+    unmasked = masked.clone()
+    unmasked[0, 5] = 0.0
+    ref_out, ref_grads = grads_of(graph_reference.dense_graph_attention, (q, k, v, unmasked), grad_out)
+    keep = torch.ones(1, 2, 40, dtype=torch.bool)
+    keep[0, 0, 5] = False
+    torch.testing.assert_close(out.cpu()[keep], ref_out[keep])
+    for got, want in zip(grads[:3], ref_grads[:3]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.cpu(), want)
+    # the bias gradient of the masked row is 0 (P = 0 there); elsewhere the reference's
+    gb, want_gb = grads[3].cpu(), ref_grads[3].clone()
+    want_gb[0, 5] = 0.0
+    assert torch.isfinite(gb).all()
+    torch.testing.assert_close(gb, want_gb)
+
+
+@needs_extension
+def test_inference_mode_with_several_threads():
+    # The CPU kernel's tiles go through ATen ops on pool threads, which do not inherit
+    # inference_mode; out is an inference tensor there.
+    g = generator(14)
+    q, k, v, bias = make_inputs(2, 2, 300, 700, 8, 5, g, dtype=torch.float32)
+    expected = ops.dense_graph_attention(q, k, v, bias)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = ops.dense_graph_attention(q, k, v, bias)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, expected)
