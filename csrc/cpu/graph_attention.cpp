@@ -367,6 +367,19 @@ void tile_scores(at::Tensor& scores, const at::Tensor& Q, const at::Tensor& Kt,
   }
 }
 
+// at::parallel_for(begin, end, 1, f) whose pool threads run in the caller's inference mode.
+// The tiles go through ATen ops writing into the outputs, which under inference_mode are
+// inference tensors, and pool threads do not inherit the mode.
+template <typename F>
+void parallel_tiles(int64_t begin, int64_t end, const F& f) {
+  const bool inference = c10::InferenceMode::is_enabled();
+  at::parallel_for(begin, end, 1, [&](int64_t b, int64_t e) {
+    std::optional<c10::InferenceMode> mode;
+    if (inference) mode.emplace();
+    f(b, e);
+  });
+}
+
 // A [rows, cols] view of a flat per-thread buffer.
 at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.narrow(0, 0, rows * cols).view({rows, cols});
@@ -391,12 +404,7 @@ void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
                           at::Tensor& lse, const at::Tensor& scores) {
   const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTile - 1) / kQueryTile;
-  // The tiles go through ATen ops writing into out; under inference_mode out is an
-  // inference tensor, and pool threads do not inherit the mode, so they re-enter it.
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::optional<c10::InferenceMode> mode;
-    if (inference) mode.emplace();
+  parallel_tiles(0, BH * nqb, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kQueryTile * std::min(kKeyTile, Nk)}, q.options());
     std::vector<scalar_t> m(kQueryTile), l(kQueryTile), alpha(kQueryTile);
     for (int64_t w = begin; w < end; ++w) {
@@ -474,10 +482,7 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
   // Items (b, h) own their dq, dk, dv; the bias gradient sums over the batch, so the items
   // of one head share it: one lock per (head, query tile) stripe.
   std::unique_ptr<std::mutex[]> stripe_locks(new std::mutex[std::max<int64_t>(1, H * nqb)]);
-  const bool inference = c10::InferenceMode::is_enabled();  // as in the forward
-  at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
-    std::optional<c10::InferenceMode> mode;
-    if (inference) mode.emplace();
+  parallel_tiles(0, BH, [&](int64_t begin, int64_t end) {
     const int64_t tile = std::min(kQueryTileB, Nq) * std::min(kKeyTileB, Nk);
     at::Tensor p_buffer = at::empty({tile}, q.options()), dp_buffer = at::empty({tile}, q.options());
     std::vector<scalar_t> row_dot(Nq);
