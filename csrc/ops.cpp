@@ -28,10 +28,11 @@ TORCH_LIBRARY(slsg, m) {
         "Tensor index, Tensor? bias, Tensor lse, float scale, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
   // Softmax attention over all nodes with an online softmax: returns (out, logsumexp,
-  // scores). scores, the pre-softmax [B, H, Nq, Nk], is kept only when keep_scores (CPU only;
-  // the caller bounds its size) and spares the backward one matrix product; else it is empty.
+  // scores). scores holds the pre-softmax [Nq, Nk] of the first kept_slices (batch, head)
+  // pairs in (b, h) order, [kept_slices, Nq, Nk] (CPU only; the caller bounds its size); it
+  // spares the backward one matrix product for those pairs. Empty when kept_slices is 0.
   m.def("dense_graph_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
-        "bool keep_scores=False) -> (Tensor, Tensor, Tensor)");
+        "int kept_slices=0) -> (Tensor, Tensor, Tensor)");
   m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor? bias, Tensor out, Tensor lse, Tensor? scores, float scale, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

@@ -11,8 +11,8 @@
 // output when a later tile raises the row maximum; the softmax work is fused row passes
 // over the tile while it is in cache. Extra memory is a few tiles per thread, never an
 // N x N matrix. The backward recomputes the probabilities tile by tile from the saved
-// logsumexp, from the scores themselves when the forward kept them (keep_scores: the caller
-// allows it when they are small), else from a fresh Q K^T product.
+// logsumexp, from the scores themselves where the forward kept them (kept_slices: the
+// caller bounds their size), else from a fresh Q K^T product.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -396,14 +396,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flat_qkv(const at::Tensor& q_in, 
   return {q, k, v};
 }
 
-// With `scores` defined ([BH, Nq, Nk]), each tile's scores are written there and
-// exponentiated into the per-thread tile, so the backward can skip recomputing them.
+// With `scores` defined ([S, Nq, Nk], S <= BH), the scores of the first S slices are written
+// there and exponentiated into the per-thread tile, so the backward can skip recomputing them.
 template <typename scalar_t>
 void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& bias, double scale, int64_t H, at::Tensor& out,
                           at::Tensor& lse, const at::Tensor& scores) {
   const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTile - 1) / kQueryTile;
+  const int64_t kept = scores.defined() ? scores.size(0) : 0;
   parallel_tiles(0, BH * nqb, [&](int64_t begin, int64_t end) {
     at::Tensor buffer = at::empty({kQueryTile * std::min(kKeyTile, Nk)}, q.options());
     std::vector<scalar_t> m(kQueryTile), l(kQueryTile), alpha(kQueryTile);
@@ -417,7 +418,7 @@ void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         const int64_t cols = std::min(kKeyTile, Nk - k0);
         const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
         at::Tensor S = tile_view(buffer, rows, cols);
-        at::Tensor raw = scores.defined() ? scores[bh].narrow(0, q0, rows).narrow(1, k0, cols) : S;
+        at::Tensor raw = bh < kept ? scores[bh].narrow(0, q0, rows).narrow(1, k0, cols) : S;
         tile_scores(raw, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
         scalar_t* sd = S.data_ptr<scalar_t>();
         const scalar_t* rd = raw.data_ptr<scalar_t>();
@@ -452,23 +453,25 @@ void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const std::optional<at::Tensor>& bias_in, double scale, bool keep_scores) {
+    const std::optional<at::Tensor>& bias_in, double scale, int64_t kept_slices) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cpu_float("dense_graph_attention", q_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), Dv = v_in.size(3);
+  TORCH_CHECK(kept_slices >= 0 && kept_slices <= B * H, "dense_graph_attention: kept_slices must be in [0, B * H] = [0, ",
+              B * H, "], got ", kept_slices);
   const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
   const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
   at::Tensor out = at::empty({B * H, Nq, Dv}, q.options());
   at::Tensor lse = at::empty({B * H, Nq}, q.options());
   const int64_t Nk = k_in.size(2);
-  at::Tensor scores = keep_scores ? at::empty({B * H, Nq, Nk}, q.options()) : at::Tensor();
+  at::Tensor scores = kept_slices > 0 ? at::empty({kept_slices, Nq, Nk}, q.options()) : at::Tensor();
   if (B * H * Nq > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dense_graph_attention_cpu", [&] {
       dense_forward_kernel<scalar_t>(q, k, v, bias, scale, H, out, lse, scores);
     });
   }
   return {out.view({B, H, Nq, Dv}), lse.view({B, H, Nq}),
-          keep_scores ? scores.view({B, H, Nq, Nk}) : at::empty({0}, q.options())};
+          kept_slices > 0 ? scores : at::empty({0}, q.options())};
 }
 
 template <typename scalar_t>
@@ -478,6 +481,7 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
                            at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, at::Tensor& gbias) {
   const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTileB - 1) / kQueryTileB;
+  const int64_t kept = scores.defined() ? scores.size(0) : 0;
   const bool bias_grad = gbias.numel() > 0;
   // Items (b, h) own their dq, dk, dv; the bias gradient sums over the batch, so the items
   // of one head share it: one lock per (head, query tile) stripe.
@@ -512,7 +516,7 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
           const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
           at::Tensor P = tile_view(p_buffer, rows, cols), dS = tile_view(dp_buffer, rows, cols);
           scalar_t* pd = P.data_ptr<scalar_t>();
-          if (scores.defined()) {  // kept by the forward: P = exp(S - lse) straight from them
+          if (bh < kept) {  // kept by the forward: P = exp(S - lse) straight from them
             const scalar_t* sd = scores.data_ptr<scalar_t>() + (bh * Nq + q0) * Nk + k0;
             for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(sd + r * Nk, pd + r * cols, cols, finite_or_zero(L[r]));
           } else {
@@ -558,14 +562,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   check_same_device("dense_graph_attention_backward", "lse", lse_in, q_in);
   const bool kept = scores_in.has_value() && scores_in->numel() > 0;
   if (kept) {
-    TORCH_CHECK(scores_in->sizes() == at::IntArrayRef({B, H, Nq, Nk}) && scores_in->scalar_type() == q_in.scalar_type(),
-                "dense_graph_attention_backward: scores must be ", q_in.scalar_type(), " [B, H, Nq, Nk] = [", B, ", ", H,
-                ", ", Nq, ", ", Nk, "], got ", scores_in->scalar_type(), " ", scores_in->sizes());
+    TORCH_CHECK(scores_in->dim() == 3 && scores_in->size(0) <= B * H && scores_in->size(1) == Nq &&
+                    scores_in->size(2) == Nk && scores_in->scalar_type() == q_in.scalar_type(),
+                "dense_graph_attention_backward: scores must be ", q_in.scalar_type(), " [S, Nq, Nk] with S <= B * H = ",
+                B * H, ", Nq = ", Nq, ", Nk = ", Nk, ", got ", scores_in->scalar_type(), " ", scores_in->sizes());
     check_same_device("dense_graph_attention_backward", "scores", *scores_in, q_in);
   }
   const auto dtype = q_in.scalar_type();
   const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
-  const at::Tensor scores = kept ? scores_in->detach().contiguous().view({B * H, Nq, Nk}) : at::Tensor();
+  const at::Tensor scores = kept ? scores_in->detach().contiguous() : at::Tensor();
   const at::Tensor dout = grad_out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
   const at::Tensor lse = lse_in.detach().to(dtype).contiguous().view({B * H, Nq});
   const at::Tensor out = out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});

@@ -457,11 +457,11 @@ dim3 dense_grid(int64_t rows, int64_t BH, unsigned slices) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const std::optional<at::Tensor>& bias_in, double scale, bool keep_scores) {
+    const std::optional<at::Tensor>& bias_in, double scale, int64_t kept_slices) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cuda_dtype("dense_graph_attention", q_in);
   // The backward kernels recompute the scores; keeping them is a CPU trade.
-  TORCH_CHECK(!keep_scores, "dense_graph_attention: keep_scores=True is CPU-only, got a ", q_in.device(), " tensor");
+  TORCH_CHECK(kept_slices == 0, "dense_graph_attention: kept_slices > 0 is CPU-only, got a ", q_in.device(), " tensor");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();

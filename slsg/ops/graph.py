@@ -176,8 +176,9 @@ def dense_graph_attention(
     ``out_i = sum_j softmax_j(scale * q_i . k_j + bias[h, i, j]) v_j`` for
     ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]`` and an optional additive
     ``bias [H, Nq, Nk]`` (shared by the batch). ``scale`` defaults to 1/sqrt(D). The kernels
-    work in tiles; the only ``Nq x Nk`` buffer is the CPU's copy of the scores kept for the
-    backward, and only while it is smaller than ``KEPT_SCORES_MAX_BYTES`` (32 MiB). Returns
+    work in tiles; the only ``Nq x Nk`` buffers are the CPU's copies of the scores kept for
+    the backward, for as many (batch, head) pairs as fit in ``KEPT_SCORES_MAX_BYTES``
+    (32 MiB). Returns
     ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias.
     """
     op = "dense_graph_attention"
@@ -194,28 +195,33 @@ def dense_graph_attention(
     check_same_device(op, q=q, k=k, v=v, bias=bias)
     scale = _check_scale(op, scale, D)
     if use_extension(op, q.device, backend) and _kernel_dtype_ok(q):
-        keep = _keep_dense_scores(q, k, v, bias)
-        return torch.ops.slsg.dense_graph_attention(q, k, v, bias, scale, keep)[0]
+        kept = _kept_dense_slices(q, k, v, bias)
+        return torch.ops.slsg.dense_graph_attention(q, k, v, bias, scale, kept)[0]
     return graph_reference.dense_graph_attention(q, k, v, bias, scale)
 
 
-# The CPU forward may keep the pre-softmax scores [B, H, Nq, Nk] for the backward, which then
-# skips one of its five matrix products per tile. Only below glibc's largest mmap threshold
-# (32 MiB): a smaller buffer is served from the heap once the process runs in a loop, a larger
-# one is mapped and faulted in afresh on every step, which cost more than the product saved
-# at D = 16-128 (B = 8, N = 1024: 0.84x-0.97x; 2 MiB-16 MiB buffers: 1.02x-1.14x faster,
-# benchmarks/RESULTS.md). Larger problems recompute the scores tile by tile, so memory stays
-# bounded. The CUDA kernels always recompute (their tiles live in registers and shared memory).
+# The CPU forward may keep the pre-softmax scores [Nq, Nk] of (batch, head) pairs for the
+# backward, which then skips one of its five matrix products per tile for them. In one buffer
+# below glibc's largest mmap threshold (32 MiB): a smaller buffer is served from the heap once
+# the process runs in a loop, a larger one is mapped and faulted in afresh on every step,
+# which cost more than the product saved at D = 16-128 (B = 8, N = 1024: 0.84x-0.97x;
+# 2 MiB-16 MiB buffers: 1.02x-1.14x faster, benchmarks/RESULTS.md). So the first pairs that
+# fit are kept and the rest recompute their scores tile by tile; memory stays bounded. The
+# CUDA kernels always recompute (their tiles live in registers and shared memory).
 KEPT_SCORES_MAX_BYTES = 32 << 20
 
 
-def _keep_dense_scores(q, k, v, bias) -> bool:
+def _kept_dense_slices(q, k, v, bias) -> int:
+    """How many (batch, head) pairs the CPU forward keeps the scores of (0: none)."""
     if q.device.type != "cpu" or not torch.is_grad_enabled():
-        return False
+        return 0
     if not any(t is not None and t.requires_grad for t in (q, k, v, bias)):
-        return False
+        return 0
     B, H, Nq, _ = q.shape
-    return B * H * Nq * k.shape[2] * q.element_size() < KEPT_SCORES_MAX_BYTES
+    slice_bytes = Nq * k.shape[2] * q.element_size()
+    if slice_bytes == 0 or KEPT_SCORES_MAX_BYTES <= 0:
+        return 0
+    return min(B * H, (KEPT_SCORES_MAX_BYTES - 1) // slice_bytes)
 
 
 # An extension built before the graph ops existed has no schemas for them: stay on the
@@ -284,9 +290,9 @@ if _GRAPH_OPS_LOADED:
     )
 
     @torch.library.register_fake("slsg::dense_graph_attention")
-    def _dense_fake(q, k, v, bias, scale, keep_scores=False):
-        B, H, Nq, _ = q.shape
-        scores = q.new_empty((B, H, Nq, k.shape[2]) if keep_scores else (0,))
+    def _dense_fake(q, k, v, bias, scale, kept_slices=0):
+        Nq = q.shape[2]
+        scores = q.new_empty((kept_slices, Nq, k.shape[2]) if kept_slices else (0,))
         return (*_attention_fake(q, v), scores)
 
     @torch.library.register_fake("slsg::dense_graph_attention_backward")

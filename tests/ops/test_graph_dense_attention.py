@@ -34,6 +34,13 @@ def test_reference_agrees_with_sdpa():
         torch.testing.assert_close(graph_reference.dense_graph_attention(q, k, v, b, scale), expected)
 
 
+def limit_scores(monkeypatch, kept, slices, slice_bytes):
+    """Sets the CPU forward's limit on kept scores so that "all", "some" (the first half of
+    the (batch, head) pairs) or "none" of them fit."""
+    limit = {"all": slices * slice_bytes + 1, "some": slices // 2 * slice_bytes + 1, "none": 0}[kept]
+    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", limit)
+
+
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
     "B,H,Nq,Nk,D,Dv",
@@ -41,13 +48,13 @@ def test_reference_agrees_with_sdpa():
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kept_scores", [True, False])
+@pytest.mark.parametrize("kept_scores", ["all", "some", "none"])
 def test_matches_reference(device, B, H, Nq, Nk, D, Dv, with_bias, dtype, kept_scores, monkeypatch):
     # Shapes cover several query tiles, several key tiles (Nk > 1024: the online rescaling),
-    # and feature sizes above the CUDA kernels' per-slice width. The CPU backward either
-    # reads the scores its forward kept or recomputes them (a size limit of 0 bytes).
-    if not kept_scores:
-        monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 0)
+    # and feature sizes above the CUDA kernels' per-slice width. The CPU backward reads the
+    # scores its forward kept, for all (batch, head) pairs, the first half of them (a size
+    # limit that fits only those), or none (a limit of 0 bytes), and recomputes the rest.
+    limit_scores(monkeypatch, kept_scores, B * H, Nq * Nk * dtype.itemsize)
     g = generator(B, H, Nq, Nk, D, Dv)
     inputs = make_inputs(B, H, Nq, Nk, D, Dv, g, with_bias=with_bias)
     grad_out = torch.randn(B, H, Nq, Dv, generator=g, dtype=torch.float64)
@@ -197,19 +204,25 @@ def test_opcheck():
     torch.library.opcheck(op, (q, k, v, bias, 0.5))
     torch.library.opcheck(op, (q, k, v, None, 0.5))
     torch.library.opcheck(op, tuple(t.double().requires_grad_() for t in (q, k, v, bias)) + (0.5,))
-    torch.library.opcheck(op, tuple(t.double().requires_grad_() for t in (q, k, v, bias)) + (0.5, True))
+    for kept_slices in (4, 3):
+        torch.library.opcheck(op, tuple(t.double().requires_grad_() for t in (q, k, v, bias)) + (0.5, kept_slices))
     out, lse, none = op(q, k, v, bias, 0.5)
-    _, _, scores = op(q, k, v, bias, 0.5, True)
+    _, _, scores = op(q, k, v, bias, 0.5, 4)
+    _, _, some = op(q, k, v, bias, 0.5, 3)
     assert none.numel() == 0
-    torch.testing.assert_close(scores, 0.5 * q @ k.transpose(-1, -2) + bias)
+    expected = (0.5 * q @ k.transpose(-1, -2) + bias).reshape(4, 9, 7)  # (b, h) order
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(some, expected[:3])
+    with pytest.raises(RuntimeError, match=r"kept_slices must be in \[0, B \* H\] = \[0, 4\], got 5"):
+        op(q, k, v, bias, 0.5, 5)
     backward = torch.ops.slsg.dense_graph_attention_backward.default
     for bias_grad in (True, False):
-        for kept in (None, scores):
+        for kept in (None, scores, some):
             torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, bias, out, lse, kept, 0.5, bias_grad))
 
 
 @needs_extension
-def test_scores_are_kept_only_when_a_gradient_is_needed_and_they_are_small(monkeypatch):
+def test_scores_are_kept_only_when_a_gradient_is_needed_and_as_far_as_they_fit(monkeypatch):
     calls = []
     real = torch.ops.slsg.dense_graph_attention
 
@@ -224,17 +237,20 @@ def test_scores_are_kept_only_when_a_gradient_is_needed_and_they_are_small(monke
     ops.dense_graph_attention(q, k, v.requires_grad_(), bias)
     with torch.no_grad():
         ops.dense_graph_attention(q, k, v, bias)
-    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 2 * 2 * 9 * 7 * 4)  # only smaller ones are kept
+    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 2 * 2 * 9 * 7 * 4)  # kept: strictly smaller
     ops.dense_graph_attention(q, k, v, bias)
-    assert calls == [False, True, False, False]
+    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 9 * 7 * 4)
+    ops.dense_graph_attention(q, k, v, bias)
+    assert calls == [0, 4, 0, 3, 0]
 
 
 @needs_extension
 def test_backward_rejects_scores_of_the_wrong_shape():
     q, k, v, bias = make_inputs(1, 2, 5, 6, 4, 3, generator(10), dtype=torch.float32)
     out, lse, _ = torch.ops.slsg.dense_graph_attention(q, k, v, bias, 0.5)
-    with pytest.raises(RuntimeError, match=r"scores must be .*\[1, 2, 5, 6\]"):
-        torch.ops.slsg.dense_graph_attention_backward(out, q, k, v, bias, out, lse, torch.zeros(1, 2, 6, 5), 0.5, False)
+    for wrong in (torch.zeros(1, 2, 5, 6), torch.zeros(2, 6, 5), torch.zeros(3, 5, 6)):
+        with pytest.raises(RuntimeError, match=r"scores must be .*S <= B \* H = 2, Nq = 5, Nk = 6"):
+            torch.ops.slsg.dense_graph_attention_backward(out, q, k, v, bias, out, lse, wrong, 0.5, False)
 
 
 @needs_extension
@@ -272,13 +288,12 @@ def test_memory_is_bounded_at_4096_nodes():
 
 @needs_extension
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("kept_scores", [True, False])
+@pytest.mark.parametrize("kept_scores", ["all", "some", "none"])
 def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device, kept_scores, monkeypatch):
     # A query row whose bias is all -inf: its output is 0 / 0 = NaN, as in the reference;
     # with no gradient flowing from it, every gradient stays finite and equals the
     # reference's with that row unmasked (a row with zero grad_out contributes nothing).
-    if not kept_scores:
-        monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 0)
+    limit_scores(monkeypatch, kept_scores, 2, 40 * 600 * 8)
     g = generator(13)
     q, k, v, bias = make_inputs(1, 2, 40, 600, 4, 3, g)
     masked = bias.clone()
