@@ -291,7 +291,9 @@ if _GRAPH_OPS_LOADED:
 
     @torch.library.register_fake("slsg::dense_graph_attention")
     def _dense_fake(q, k, v, bias, scale, kept_slices=0):
-        Nq = q.shape[2]
+        B, H, Nq, _ = q.shape
+        if not 0 <= kept_slices <= B * H:  # as the kernel, so traced graphs fail alike
+            raise RuntimeError(f"dense_graph_attention: kept_slices must be in [0, B * H] = [0, {B * H}], got {kept_slices}")
         scores = q.new_empty((kept_slices, Nq, k.shape[2]) if kept_slices else (0,))
         return (*_attention_fake(q, v), scores)
 
