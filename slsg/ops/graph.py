@@ -327,3 +327,21 @@ if _GRAPH_OPS_LOADED:
     torch.library.register_autograd(
         "slsg::dense_graph_attention", _dense_backward, setup_context=_dense_setup
     )
+
+    # The backward kernels have no backward of their own. Without an autograd entry for them,
+    # a second derivative through these ops (create_graph=True, then backward again) would
+    # silently miss their terms; with this one it raises instead, and only when a second
+    # derivative actually reaches them (first derivatives under create_graph=True still work).
+    def _no_second_derivative(op):
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                f"slsg.ops.{op}: second derivatives (double backward) are not supported by the compiled kernels; "
+                f"use backend='reference' for them"
+            )
+
+        return backward
+
+    for _op in ("max_relative", "sparse_graph_attention", "dense_graph_attention"):
+        torch.library.register_autograd(
+            f"slsg::{_op}_backward", _no_second_derivative(_op), setup_context=lambda ctx, inputs, output: None
+        )
