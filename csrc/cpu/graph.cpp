@@ -130,12 +130,13 @@ __attribute__((target("avx2"))) inline int64_t gather_at_least_avx2(
 constexpr int64_t kCountMax = 128;
 
 #if SLSG_GEMM_AVX2
-// Pads vals with -inf (never before a finite value) and ids with INT32_MAX to a multiple of 8.
+// Pads vals with -inf (never before a finite value) and ids, unless null, with INT32_MAX to
+// a multiple of 8.
 __attribute__((target("avx2"))) inline int64_t pad8(float* vals, int32_t* ids, int64_t count) {
   int64_t padded = (count + 7) & ~int64_t(7);
   for (int64_t u = count; u < padded; ++u) {
     vals[u] = -std::numeric_limits<float>::infinity();
-    ids[u] = std::numeric_limits<int32_t>::max();
+    if (ids) ids[u] = std::numeric_limits<int32_t>::max();
   }
   return padded;
 }
@@ -171,9 +172,8 @@ __attribute__((target("avx2"))) inline void count_at_least_avx2(const float* val
 // value that at least r values reach. No branch on the data (a row's floor, see row_floor).
 // vals has room for count rounded up to 8 (padding).
 __attribute__((target("avx2"))) inline float kth_largest_by_counting(float* vals, int64_t count, int64_t r) {
-  int32_t ids[kCountMax + 8];
   alignas(32) int32_t level[kCountMax];
-  const int64_t padded = pad8(vals, ids, count);
+  const int64_t padded = pad8(vals, nullptr, count);
   count_at_least_avx2(vals, count, padded, level);
   __m256 best = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256i below = _mm256_set1_epi32(static_cast<int32_t>(r - 1));
@@ -654,23 +654,9 @@ bool all_finite(const scalar_t* data, int64_t n) {
   return finite;
 }
 
-// The sum of squares of a row, in double (no overflow for any float).
-template <typename scalar_t>
-double sum_of_squares(const scalar_t* row, int64_t C) {
-  double sum = 0.0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
-  return sum;
-}
-
-template <typename scalar_t>
-void divide_row(const scalar_t* row, int64_t C, scalar_t norm, scalar_t* out) {
-  for (int64_t c = 0; c < C; ++c) out[c] = row[c] / norm;
-}
-
 #if SLSG_GEMM_AVX2
-// The same for float with AVX2 (the portable loops compile to SSE with one add chain:
-// profiled at a tenth of a one-tile kNN call).
+// Row passes of normalize_rows for float with AVX2 (the portable loops compile to SSE with
+// one add chain: profiled at a tenth of a one-tile kNN call).
 __attribute__((target("avx2,fma"))) inline double sum_of_squares_avx2(const float* row, int64_t C) {
   __m256d a = _mm256_setzero_pd(), b = _mm256_setzero_pd();
   int64_t c = 0;
@@ -693,6 +679,30 @@ __attribute__((target("avx2"))) inline void divide_row_avx2(const float* row, in
 }
 #endif
 
+// The sum of squares of a row, in double (no overflow for any float).
+template <typename scalar_t>
+double sum_of_squares(const scalar_t* row, int64_t C) {
+#if SLSG_GEMM_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (gemm::available()) return sum_of_squares_avx2(row, C);
+  }
+#endif
+  double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(row[c]) * static_cast<double>(row[c]);
+  return sum;
+}
+
+template <typename scalar_t>
+void divide_row(const scalar_t* row, int64_t C, scalar_t norm, scalar_t* out) {
+#if SLSG_GEMM_AVX2
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (gemm::available()) return divide_row_avx2(row, C, norm, out);
+  }
+#endif
+  for (int64_t c = 0; c < C; ++c) out[c] = row[c] / norm;
+}
+
 // Rows scaled to unit L2 norm (zero rows stay zero, as F.normalize); false if x holds a
 // NaN or Inf. One pass, one parallel region.
 template <typename scalar_t>
@@ -700,33 +710,13 @@ bool normalize_rows(const at::Tensor& x, at::Tensor& xn) {
   const int64_t R = x.size(0) * x.size(1), C = x.size(2);
   const scalar_t* xd = x.data_ptr<scalar_t>();
   scalar_t* od = xn.data_ptr<scalar_t>();
-#if SLSG_GEMM_AVX2
-  const bool avx2 = std::is_same_v<scalar_t, float> && gemm::available();
-#endif
   std::atomic<bool> finite{true};
   at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = xd + r * C;
-      double sum;
-#if SLSG_GEMM_AVX2
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        sum = avx2 ? sum_of_squares_avx2(row, C) : sum_of_squares(row, C);
-      } else {
-        sum = sum_of_squares(row, C);
-      }
-#else
-      sum = sum_of_squares(row, C);
-#endif
+      const double sum = sum_of_squares(row, C);
       if (!std::isfinite(sum)) finite = false;  // a NaN or Inf anywhere in the row shows here
       const scalar_t norm = static_cast<scalar_t>(std::max(std::sqrt(sum), kCosineEps));
-#if SLSG_GEMM_AVX2
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (avx2) {
-          divide_row_avx2(row, C, norm, od + r * C);
-          continue;
-        }
-      }
-#endif
       divide_row(row, C, norm, od + r * C);
     }
   });

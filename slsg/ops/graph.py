@@ -219,9 +219,8 @@ def _kept_dense_slices(q, k, v, bias) -> int:
         return 0
     B, H, Nq, _ = q.shape
     slice_bytes = Nq * k.shape[2] * q.element_size()
-    if slice_bytes == 0 or KEPT_SCORES_MAX_BYTES <= 0:
-        return 0
-    return min(B * H, (KEPT_SCORES_MAX_BYTES - 1) // slice_bytes)
+    # Strictly under the limit; a limit of 0 keeps none.
+    return min(B * H, max(0, KEPT_SCORES_MAX_BYTES - 1) // slice_bytes) if slice_bytes else 0
 
 
 # An extension built before the graph ops existed has no schemas for them: stay on the
