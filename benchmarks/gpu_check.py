@@ -36,8 +36,22 @@ def peak_extra(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def record(name: str, value: str, detail: str = "") -> None:
+    """Keeps a table row and prints it at once, so a run cut short still shows its rows."""
+    rows.append((name, value, detail))
+    print(f"{name}  {value}  {detail}", flush=True)
+
+
 def check(name: str, ok: bool, detail: str = "") -> None:
-    rows.append((name, "PASS" if ok else "FAIL", detail))
+    record(name, "PASS" if ok else "FAIL", detail)
+
+
+def guarded(stage) -> None:
+    """Runs one stage; an exception becomes a FAIL row, so the later stages and the table follow."""
+    try:
+        stage()
+    except Exception as error:  # noqa: BLE001 - reported, and the exit status says FAIL
+        check(f"{stage.__name__} raised", False, f"{type(error).__name__}: {str(error)[:300]}")
 
 
 def correctness() -> None:
@@ -77,16 +91,16 @@ def benchmarks() -> None:
         t_ours = timed(lambda: ops.sphere_distance(x, c), repeat=2)
         t_ref = timed(lambda: chunked_addmm_min(x, c), repeat=2)
         mem = peak_extra(lambda: ops.sphere_distance(x, c))
-        rows.append((f"sphere_distance fp32 M={M} K={K} D={D}", f"{t_ours * 1e3:.1f} ms",
-                     f"addmm+min {t_ref * 1e3:.1f} ms, speed-up {t_ref / t_ours:.2f}x (target 1.5x at D=1024), extra {mem:.0f} MiB"))
+        record(f"sphere_distance fp32 M={M} K={K} D={D}", f"{t_ours * 1e3:.1f} ms",
+               f"addmm+min {t_ref * 1e3:.1f} ms, speed-up {t_ref / t_ours:.2f}x (target 1.5x at D=1024), extra {mem:.0f} MiB")
         for dtype in (torch.float16, torch.bfloat16):
             xh, ch = x.to(dtype), c.to(dtype)
             t_h = timed(lambda: ops.sphere_distance(xh, ch), repeat=1)
-            rows.append((f"sphere_distance {str(dtype)[6:]} M={M} K={K} D={D}", f"{t_h * 1e3:.1f} ms", ""))
+            record(f"sphere_distance {str(dtype)[6:]} M={M} K={K} D={D}", f"{t_h * 1e3:.1f} ms")
         del x, c
     x = torch.randn(214016, 1536, device="cuda")
     t = timed(lambda: ops.greedy_coreset(x, 21401), repeat=1)
-    rows.append(("greedy_coreset 214016x1536 -> 10%", f"{t:.2f} s", "projection_dim=128"))
+    record("greedy_coreset 214016x1536 -> 10%", f"{t:.2f} s", "projection_dim=128")
 
 
 def finish(title: str) -> None:
@@ -101,6 +115,6 @@ def finish(title: str) -> None:
 if __name__ == "__main__":
     assert torch.cuda.is_available(), "no CUDA device"
     print("backend:", slsg.ops.backend())
-    correctness()
-    benchmarks()
+    guarded(correctness)
+    guarded(benchmarks)
     finish("GPU check summary")

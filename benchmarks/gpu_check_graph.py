@@ -1,6 +1,6 @@
-"""CUDA check of the graph ops: runs the CUDA graph tests, a few direct comparisons with the
-references, then GPU timings; prints a short table last. Builds nothing (benchmarks/
-gpu_check.sh builds first and then calls this). Target: a few minutes on one GPU.
+"""CUDA check of the graph ops: a few direct comparisons with the references, then GPU
+timings; prints a short table last. Builds nothing and runs no tests (benchmarks/gpu_check.sh
+builds, runs every CUDA test, then calls this). Target: a few minutes on one GPU.
 
 Figures:
 - dense_graph_attention vs torch SDPA, with and without an additive bias [H, N, N],
@@ -11,10 +11,6 @@ Figures:
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
@@ -23,24 +19,8 @@ from slsg import ops
 from slsg.nn import SelfAttentiveGraphConv
 from slsg.ops import graph_reference
 
-ROOT = Path(__file__).resolve().parents[1]
 # Shared with the scoring check (run as scripts, benchmarks/ is on sys.path): one table.
-from gpu_check import check, finish, peak_extra, rows, timed  # noqa: E402
-
-
-def run_tests() -> None:
-    try:
-        import pytest  # noqa: F401
-    except ImportError:
-        rows.append(("graph CUDA tests", "SKIP", "pytest not installed"))
-        return
-    files = [str(p) for p in sorted((ROOT / "tests" / "ops").glob("test_graph_*.py"))]
-    cmd = [sys.executable, "-m", "pytest", *files, str(ROOT / "tests" / "nn" / "test_graph_conv.py"),
-           "-q", "-k", "cuda", "-p", "no:cacheprovider"]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    print(out.stdout[-3000:], out.stderr[-2000:])
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "no output"
-    check("graph CUDA tests (pytest -k cuda)", out.returncode == 0, summary)
+from gpu_check import check, finish, guarded, peak_extra, record, timed  # noqa: E402
 
 
 def max_err(a, b) -> float:
@@ -96,9 +76,11 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / timed(lambda: dst.copy_(src))
 
 
-def benchmarks() -> None:
+B, C = 8, 256  # the benchmarks' batch and channels
+
+
+def dense_benchmarks() -> None:
     torch.manual_seed(0)
-    B, C = 8, 256
     for N in (1024, 4096):
         for H in (1, 8):
             D = C // H
@@ -111,19 +93,22 @@ def benchmarks() -> None:
                     ours = lambda: ops.dense_graph_attention(q, k, v, b)  # noqa: E731
                     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=b)  # noqa: E731
                     t_ours, t_sdpa = timed(ours, 3), timed(sdpa, 3)
-                    rows.append((label + " fwd", f"{t_ours * 1e3:.2f} ms",
-                                 f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours):.0f} vs {peak_extra(sdpa):.0f} MiB"))
+                    record(label + " fwd", f"{t_ours * 1e3:.2f} ms",
+                           f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours):.0f} vs {peak_extra(sdpa):.0f} MiB")
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     grad = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
                     ours_fb = lambda: torch.autograd.grad(ops.dense_graph_attention(*leaves, b), leaves, grad)  # noqa: E731
                     sdpa_fb = lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves, attn_mask=b), leaves, grad)  # noqa: E731
                     t_ours, t_sdpa = timed(ours_fb, 3), timed(sdpa_fb, 3)
-                    rows.append((label + " fwd+bwd", f"{t_ours * 1e3:.2f} ms",
-                                 f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours_fb):.0f} vs {peak_extra(sdpa_fb):.0f} MiB"))
+                    record(label + " fwd+bwd", f"{t_ours * 1e3:.2f} ms",
+                           f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours_fb):.0f} vs {peak_extra(sdpa_fb):.0f} MiB")
                 del q, k, v, bias
 
+
+def gather_benchmarks() -> None:
+    torch.manual_seed(0)
     peak = copy_bandwidth()
-    rows.append(("device-to-device copy", f"{peak / 1e9:.0f} GB/s", "the 100% of the bandwidth figures"))
+    record("device-to-device copy", f"{peak / 1e9:.0f} GB/s", "the 100% of the bandwidth figures")
     K = 9
     for N, H in ((4096, 1), (4096, 8), (16384, 4)):
         D = C // H
@@ -135,15 +120,19 @@ def benchmarks() -> None:
             moved = B * H * N * D * size * (1 + 2 * K + 1) + index.numel() * 8
             t = timed(lambda: ops.sparse_graph_attention(q, k, v, index))
             t_ref = timed(lambda: graph_reference.sparse_graph_attention(q, k, v, index), 2)
-            rows.append((f"sparse {str(dtype)[6:]} B={B} H={H} N={N} D={D} K={K}", f"{t * 1e3:.2f} ms",
-                         f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms"))
+            record(f"sparse {str(dtype)[6:]} B={B} H={H} N={N} D={D} K={K}", f"{t * 1e3:.2f} ms",
+                   f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms")
             x = torch.randn(B, N, C, device="cuda", dtype=dtype)
             moved = x.numel() * size * (K + 2) + index.numel() * 8
             t = timed(lambda: ops.max_relative(x, index))
             t_ref = timed(lambda: graph_reference.max_relative(x, index), 2)
-            rows.append((f"max_relative {str(dtype)[6:]} B={B} N={N} C={C} K={K}", f"{t * 1e3:.2f} ms",
-                         f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms"))
+            record(f"max_relative {str(dtype)[6:]} B={B} N={N} C={C} K={K}", f"{t * 1e3:.2f} ms",
+                   f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms")
             del q, k, v, x
+
+
+def knn_benchmarks() -> None:
+    torch.manual_seed(0)
     for N in (1024, 4096):
         x = torch.randn(B, N, C, device="cuda")
         bias = 0.1 * torch.randn(N, N, device="cuda")
@@ -153,14 +142,15 @@ def benchmarks() -> None:
             return torch.baddbmm(bias.expand(B, -1, -1), xn, xn.transpose(1, 2)).topk(27, dim=-1).indices[:, :, ::3]
 
         t, t_ref = timed(lambda: ops.knn_graph(x, 9, 3, bias)), timed(matmul_topk)
-        rows.append((f"knn_graph fp32 B={B} N={N} C={C} k=9 d=3", f"{t * 1e3:.2f} ms",
-                     f"matmul+topk {t_ref * 1e3:.2f} ms, extra {peak_extra(lambda: ops.knn_graph(x, 9, 3, bias)):.0f} vs {peak_extra(matmul_topk):.0f} MiB"))
+        record(f"knn_graph fp32 B={B} N={N} C={C} k=9 d=3", f"{t * 1e3:.2f} ms",
+               f"matmul+topk {t_ref * 1e3:.2f} ms, extra {peak_extra(lambda: ops.knn_graph(x, 9, 3, bias)):.0f} vs {peak_extra(matmul_topk):.0f} MiB")
 
 
 if __name__ == "__main__":
     assert torch.cuda.is_available(), "no CUDA device"
     print("backend:", slsg.ops.backend())
-    run_tests()
-    correctness()
-    benchmarks()
+    guarded(correctness)
+    guarded(dense_benchmarks)
+    guarded(gather_benchmarks)
+    guarded(knn_benchmarks)
     finish("GPU graph check summary")
