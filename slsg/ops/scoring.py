@@ -25,10 +25,10 @@ def sphere_distance(
     Returns ``dist [M, k]``, the k smallest values over j of ``||x_i - c_j||^2 - r_j^2`` in
     ascending order (float32, or float64 for float64 inputs), and ``index [M, k]`` (int64),
     ties broken by the lowest j. Exact search; memory is bounded by blocking (no [M, K]
-    matrix). Differentiable with respect to x, centers and radii. On CUDA the dot products
-    follow torch's matmul precision settings, like ``torch.cdist``: with TF32 enabled
-    (``torch.backends.cuda.matmul.allow_tf32`` or ``torch.set_float32_matmul_precision``
-    below "highest") they lose precision and near ties may swap; both are off by default.
+    matrix). Differentiable with respect to x, centers and radii. On CUDA, float32 inputs
+    are screened with TF32 tensor-core products and every centre the rounding bound cannot
+    rule out is recomputed in float32, so the result is exact whatever torch's matmul
+    precision settings; float16 / bfloat16 inputs use tensor cores with float32 accumulation.
     """
     op = "sphere_distance"
     check_tensor(op, "x", x, ndim=2, shape_hint="[M, D]")

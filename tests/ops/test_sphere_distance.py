@@ -54,6 +54,66 @@ def test_noncontiguous_inputs():
     torch.testing.assert_close(a, b)
 
 
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 5, 16, 17, 40])
+def test_small_integers_give_the_reference_exactly(device, dtype, k):
+    # Coordinates in {-2..2}: every value is exact in every dtype (TF32 included), so each
+    # path (one-value and k-value warp selection, the serial scan beyond k = 16, TF32
+    # screening) must return exactly the reference's values and indices, ties included.
+    g = torch.Generator().manual_seed(k)
+    centers = torch.randint(-2, 3, (300, 3), generator=g).float()
+    x = torch.randint(-2, 3, (70, 3), generator=g).float()
+    radii = torch.randint(0, 2, (300,), generator=g).float()
+    for r in (None, radii):
+        dist, index = ops.sphere_distance(x.to(device, dtype), centers.to(device, dtype),
+                                          None if r is None else r.to(device, dtype), k)
+        ref_dist, ref_index = reference.sphere_distance(x, centers, r, k)
+        assert torch.equal(index.cpu(), ref_index)
+        assert torch.equal(dist.cpu().float(), ref_dist)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_near_duplicate_centres(device):
+    # 600 centres closer to each other than the CUDA TF32 screening can separate: the exact
+    # float32 path must take over for these queries.
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(1, 64, generator=g)
+    centers = base + 1e-3 * torch.randn(600, 64, generator=g)
+    x = torch.cat([base + 1e-3 * torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)])
+    check_against_reference(x.to(device), centers.to(device), None, 3)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_several_query_and_centre_tiles(device, dtype):
+    g = torch.Generator().manual_seed(12)
+    x, centers = torch.randn(4100, 8, generator=g), torch.randn(5000, 8, generator=g)
+    x, centers = x.to(dtype).float(), centers.to(dtype).float()  # representable in dtype
+    dist, index = ops.sphere_distance(x.to(device, dtype), centers.to(device, dtype), k=2)
+    ref_dist, _ = reference.sphere_distance(x, centers, None, 2)
+    torch.testing.assert_close(dist.cpu().float(), ref_dist, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exact_values(x, centers, None, index.cpu()).float(), ref_dist, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_extension
+def test_cuda_result_ignores_the_tf32_setting():
+    g = torch.Generator().manual_seed(13)
+    x, centers = torch.randn(300, 256, generator=g).cuda(), torch.randn(2000, 256, generator=g).cuda()
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for k in (1, 4, 20):
+            check_against_reference(x, centers, None, k, atol=2e-4)
+            check_against_reference(x.double(), centers.double(), None, k, atol=1e-9)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_exact_ties_go_to_lowest_index(backend):
     # Small integers make every distance exact in float32, so ties are real ties.
