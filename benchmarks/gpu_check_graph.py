@@ -11,6 +11,8 @@ Figures:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -37,20 +39,20 @@ def correctness() -> None:
         name = str(dtype)[6:]
         qd, kd, vd = (t.cuda().to(dtype) for t in (q, k, v))
         ref_in = [t.to(dtype).double() for t in (q, k, v)]
-        err = max_err(ops.dense_graph_attention(qd, kd, vd, bias.cuda().to(dtype)),
+        err = max_err(ops.dense_graph_attention(qd, kd, vd, bias.cuda().to(dtype), backend="extension"),
                       graph_reference.dense_graph_attention(*ref_in, bias.to(dtype).double()))
         check(f"dense_graph_attention {name} B={B} H={H} N={N} D={D}", err < tol, f"max err {err:.1e}")
         err = max_err(ops.sparse_graph_attention(qd, kd, vd, index.cuda()),
                       graph_reference.sparse_graph_attention(*ref_in, index))
         check(f"sparse_graph_attention {name}", err < tol, f"max err {err:.1e}")
     x = torch.randn(B, N, 64, generator=g)
-    same = torch.equal(ops.knn_graph(x.double().cuda(), 9, 3).cpu(), graph_reference.knn_graph(x.double(), 9, 3))
+    same = torch.equal(ops.knn_graph(x.double().cuda(), 9, 3, backend="extension").cpu(), graph_reference.knn_graph(x.double(), 9, 3))
     check("knn_graph float64 == reference", same)
     # Gradients on the GPU against float64 finite differences (small sizes).
     small = [torch.randn(2, 2, 6, 5, dtype=torch.float64, device="cuda", requires_grad=True) for _ in range(3)]
     sb = torch.randn(2, 6, 6, dtype=torch.float64, device="cuda", requires_grad=True)
     check("dense_graph_attention gradcheck float64",
-          torch.autograd.gradcheck(lambda a, b, c, d: ops.dense_graph_attention(a, b, c, d), (*small, sb)))
+          torch.autograd.gradcheck(lambda a, b, c, d: ops.dense_graph_attention(a, b, c, d, backend="extension"), (*small, sb)))
     si = torch.randint(0, 6, (2, 6, 3), device="cuda")
     eb = torch.randn(2, 2, 6, 3, dtype=torch.float64, device="cuda", requires_grad=True)
     check("sparse_graph_attention gradcheck float64",
@@ -90,14 +92,14 @@ def dense_benchmarks() -> None:
                 for with_bias in (False, True):
                     b = bias if with_bias else None
                     label = f"dense {str(dtype)[6:]} B={B} H={H} N={N} D={D}{' +bias' if with_bias else ''}"
-                    ours = lambda: ops.dense_graph_attention(q, k, v, b)  # noqa: E731
+                    ours = lambda: ops.dense_graph_attention(q, k, v, b, backend="extension")  # noqa: E731
                     sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=b)  # noqa: E731
                     t_ours, t_sdpa = timed(ours, 3), timed(sdpa, 3)
                     record(label + " fwd", f"{t_ours * 1e3:.2f} ms",
                            f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours):.0f} vs {peak_extra(sdpa):.0f} MiB")
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     grad = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
-                    ours_fb = lambda: torch.autograd.grad(ops.dense_graph_attention(*leaves, b), leaves, grad)  # noqa: E731
+                    ours_fb = lambda: torch.autograd.grad(ops.dense_graph_attention(*leaves, b, backend="extension"), leaves, grad)  # noqa: E731
                     sdpa_fb = lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves, attn_mask=b), leaves, grad)  # noqa: E731
                     t_ours, t_sdpa = timed(ours_fb, 3), timed(sdpa_fb, 3)
                     record(label + " fwd+bwd", f"{t_ours * 1e3:.2f} ms",
@@ -141,16 +143,36 @@ def knn_benchmarks() -> None:
             xn = F.normalize(x, dim=-1)
             return torch.baddbmm(bias.expand(B, -1, -1), xn, xn.transpose(1, 2)).topk(27, dim=-1).indices[:, :, ::3]
 
-        t, t_ref = timed(lambda: ops.knn_graph(x, 9, 3, bias)), timed(matmul_topk)
+        ours = lambda: ops.knn_graph(x, 9, 3, bias, backend="extension")  # noqa: E731
+        eager = lambda: graph_reference.knn_graph(x, 9, 3, bias)  # noqa: E731
+        t, t_ref, t_eager = timed(ours), timed(matmul_topk), timed(eager)
         record(f"knn_graph fp32 B={B} N={N} C={C} k=9 d=3", f"{t * 1e3:.2f} ms",
-               f"matmul+topk {t_ref * 1e3:.2f} ms, extra {peak_extra(lambda: ops.knn_graph(x, 9, 3, bias)):.0f} vs {peak_extra(matmul_topk):.0f} MiB")
+               f"matmul+topk {t_ref * 1e3:.2f} ms, reference (blocked, stable sort) {t_eager * 1e3:.2f} ms, "
+               f"extra {peak_extra(ours):.0f} vs {peak_extra(matmul_topk):.0f} vs {peak_extra(eager):.0f} MiB")
+
+
+def layer_benchmarks() -> None:
+    """The layer at N = 1024 (32 x 32 nodes), forward + backward, per backend."""
+    x = torch.randn(B, C, 32, 32, device="cuda")
+    for heads in (1, 8):
+        times = {}
+        for backend in ("auto", "extension", "reference"):
+            torch.manual_seed(0)
+            layer = SelfAttentiveGraphConv(C, heads=heads, backend=backend).cuda()
+            leaf = x.clone().requires_grad_()
+            step = lambda: layer(leaf).square().mean().backward()  # noqa: E731
+            times[backend] = timed(step, 3)
+            mem = peak_extra(step)
+            record(f"SelfAttentiveGraphConv fp32 B={B} C={C} N=1024 heads={heads} {backend} fwd+bwd",
+                   f"{times[backend] * 1e3:.2f} ms", f"extra {mem:.0f} MiB")
+        record(f"  layer heads={heads}: reference / auto", f"{times['reference'] / times['auto']:.2f}x", "")
 
 
 if __name__ == "__main__":
     assert torch.cuda.is_available(), "no CUDA device"
     print("backend:", slsg.ops.backend())
-    guarded(correctness)
-    guarded(dense_benchmarks)
-    guarded(gather_benchmarks)
-    guarded(knn_benchmarks)
+    parts = os.environ.get("GRAPH_PARTS", "correctness,dense,gather,knn,layer").split(",")
+    for name in parts:
+        guarded({"correctness": correctness, "dense": dense_benchmarks, "gather": gather_benchmarks,
+                 "knn": knn_benchmarks, "layer": layer_benchmarks}[name])
     finish("GPU graph check summary")

@@ -27,6 +27,17 @@ def _check_finite(op: str, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{op}: {name} contains NaN or Inf")
 
 
+# Ops whose eager PyTorch form is faster than our CUDA kernel on an H200 (benchmarks/
+# RESULTS.md, 2026-11-30): on CUDA, backend="auto" runs that form (dense attention: torch's
+# scaled_dot_product_attention; knn_graph: the blocked matmul + stable sort of the
+# reference, same result, bounded memory). backend="extension" still runs our kernels.
+EAGER_ON_CUDA = frozenset({"dense_graph_attention", "knn_graph"})
+
+
+def _eager_on_cuda(op: str, t: torch.Tensor, backend: str) -> bool:
+    return t.is_cuda and backend == "auto" and op in EAGER_ON_CUDA
+
+
 def _check_index_values(op: str, index: torch.Tensor, n_source: int) -> None:
     """Index values must be valid node ids (the reference path; kernels check it too)."""
     if torch.compiler.is_compiling() or index.numel() == 0:
@@ -103,7 +114,7 @@ def knn_graph(
             raise ValueError(f"{op}: bias must be [N, N] = [{N}, {N}], got shape {tuple(bias.shape)}")
         check_same_device(op, x=x, bias=bias)
         bias = bias.to(x.dtype)
-    if use_extension(op, x.device, backend) and _kernel_dtype_ok(x):
+    if use_extension(op, x.device, backend) and _kernel_dtype_ok(x) and not _eager_on_cuda(op, x, backend):
         return torch.ops.slsg.knn_graph(x, k, dilation, bias, include_self)
     _check_finite(op, x=x, bias=bias)
     return graph_reference.knn_graph(x, k, dilation, bias, include_self)
@@ -179,7 +190,10 @@ def dense_graph_attention(
     work in tiles; the only ``Nq x Nk`` buffers are the CPU's copies of the scores kept for
     the backward, for as many (batch, head) pairs as fit in ``KEPT_SCORES_MAX_BYTES``
     (32 MiB). Returns
-    ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias.
+    ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias. On CUDA, ``backend="auto"`` runs
+    ``torch.nn.functional.scaled_dot_product_attention``, faster there than our kernel (a row
+    whose bias is all -inf then gives 0, SDPA's convention, instead of NaN);
+    ``backend="extension"`` selects the kernel.
     """
     op = "dense_graph_attention"
     _check_qkv(op, q, k, v)
@@ -194,6 +208,10 @@ def dense_graph_attention(
         bias = bias.to(q.dtype)
     check_same_device(op, q=q, k=k, v=v, bias=bias)
     scale = _check_scale(op, scale, D)
+    if _eager_on_cuda(op, q, backend) and q.numel() > 0 and k.numel() > 0:
+        # Fused flash / memory-efficient kernels, memory bounded like ours. The bias
+        # [H, Nq, Nk] broadcasts over the batch.
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     if use_extension(op, q.device, backend) and _kernel_dtype_ok(q):
         kept = _kept_dense_slices(q, k, v, bias)
         return torch.ops.slsg.dense_graph_attention(q, k, v, bias, scale, kept)[0]

@@ -15,6 +15,12 @@ def generator(*seed_parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed % (2**63))
 
 
+def kernel_backend(device: str) -> str:
+    """The backend that runs our kernel: on CUDA, "auto" runs eager PyTorch for some ops
+    (slsg.ops.graph.EAGER_ON_CUDA)."""
+    return "extension" if device == "cuda" else "auto"
+
+
 def random_index(B: int, N: int, K: int, g: torch.Generator, device="cpu") -> torch.Tensor:
     return torch.randint(0, N, (B, N, K), generator=g).to(device)
 

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -8,7 +9,7 @@ from slsg import ops
 from slsg.ops import graph as graph_ops
 from slsg.ops import graph_reference
 
-from .graph_helpers import generator, peak_rss_increase_mib, tolerances
+from .graph_helpers import generator, kernel_backend, peak_rss_increase_mib, tolerances
 from .helpers import devices, needs_extension, noncontiguous
 
 
@@ -18,6 +19,10 @@ def make_inputs(B, H, Nq, Nk, D, Dv, g, dtype=torch.float64, with_bias=True):
     v = torch.randn(B, H, Nk, Dv, generator=g, dtype=dtype)
     bias = torch.randn(H, Nq, Nk, generator=g, dtype=dtype) if with_bias else None
     return q, k, v, bias
+
+
+def kernel_on(device):
+    return functools.partial(ops.dense_graph_attention, backend=kernel_backend(device))
 
 
 def grads_of(fn, inputs, grad_out):
@@ -60,7 +65,7 @@ def test_matches_reference(device, B, H, Nq, Nk, D, Dv, with_bias, dtype, kept_s
     grad_out = torch.randn(B, H, Nq, Dv, generator=g, dtype=torch.float64)
     expected, expected_grads = grads_of(graph_reference.dense_graph_attention, inputs, grad_out)
     cast = [t.to(device, dtype) if t is not None else None for t in inputs]
-    out, out_grads = grads_of(ops.dense_graph_attention, cast, grad_out.to(device, dtype))
+    out, out_grads = grads_of(kernel_on(device), cast, grad_out.to(device, dtype))
     assert out.shape == (B, H, Nq, Dv) and out.dtype == dtype
     torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
     for a, b in zip(out_grads, expected_grads):
@@ -73,9 +78,23 @@ def test_half_precision(device, dtype):
     g = generator(2)
     inputs = make_inputs(2, 2, 40, 50, 16, 8, g, dtype=torch.float32)
     expected = graph_reference.dense_graph_attention(*(t.to(dtype).double() for t in inputs))
-    out = ops.dense_graph_attention(*(t.to(device, dtype) for t in inputs))
+    out = kernel_on(device)(*(t.to(device, dtype) for t in inputs))
     assert out.dtype == dtype
     torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_auto_runs_fused_sdpa(dtype):
+    g = generator(3)
+    inputs = make_inputs(2, 3, 40, 56, 16, 8, g, dtype=torch.float32)
+    grad_out = torch.randn(2, 3, 40, 8, generator=g, dtype=torch.float64)
+    expected, expected_grads = grads_of(graph_reference.dense_graph_attention, [t.double() for t in inputs], grad_out)
+    cast = [t.to("cuda", dtype) for t in inputs]
+    out, out_grads = grads_of(ops.dense_graph_attention, cast, grad_out.to("cuda", dtype))
+    torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
+    for a, b in zip(out_grads, expected_grads):  # q, k, v and the bias summed over the batch
+        torch.testing.assert_close(a.double().cpu(), b, **tolerances(dtype))
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -301,7 +320,7 @@ def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device, kept_s
     masked[1, 7, :550] = float("-inf")  # partly masked, across both CPU key tiles
     grad_out = torch.randn(1, 2, 40, 3, generator=g, dtype=torch.float64)
     grad_out[0, 0, 5] = 0.0
-    out, grads = grads_of(ops.dense_graph_attention, [t.to(device) for t in (q, k, v, masked)], grad_out.to(device))
+    out, grads = grads_of(kernel_on(device), [t.to(device) for t in (q, k, v, masked)], grad_out.to(device))
     assert torch.isnan(out[0, 0, 5]).all()
     unmasked = masked.clone()
     unmasked[0, 5] = 0.0

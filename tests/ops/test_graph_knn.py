@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from slsg import ops
 from slsg.ops import graph_reference
 
-from .graph_helpers import generator, peak_rss_increase_mib
+from .graph_helpers import generator, kernel_backend, peak_rss_increase_mib
 from .helpers import devices, needs_extension, noncontiguous
 
 
@@ -57,7 +57,7 @@ def test_matches_reference(device, B, N, C, k, dilation, with_bias, include_self
     for dtype in (torch.float64, torch.float32):
         xd = x.to(device=device, dtype=dtype)
         bd = bias.to(device=device, dtype=dtype) if with_bias else None
-        index = ops.knn_graph(xd, k, dilation, bd, include_self)
+        index = ops.knn_graph(xd, k, dilation, bd, include_self, backend=kernel_backend(device))
         assert index.shape == (B, N, k) and index.dtype == torch.long and index.device.type == device
         if dtype == torch.float64:
             assert torch.equal(index.cpu(), expected)
@@ -102,7 +102,7 @@ def test_threshold_guessed_too_high_is_recomputed(B, include_self, N):
 def test_half_precision(device, dtype):
     g = generator(11)
     x = torch.randn(2, 64, 8, generator=g)
-    index = ops.knn_graph(x.to(device, dtype), 4, 2)
+    index = ops.knn_graph(x.to(device, dtype), 4, 2, backend=kernel_backend(device))
     assert index.shape == (2, 64, 4) and index.dtype == torch.long
     reference = graph_reference.knn_graph(x.to(dtype), 4, 2)
     torch.testing.assert_close(similarity_of(x, index), similarity_of(x, reference), atol=2e-2, rtol=0)
