@@ -124,6 +124,13 @@ def gather_benchmarks() -> None:
             t_ref = timed(lambda: graph_reference.sparse_graph_attention(q, k, v, index), 2)
             record(f"sparse {str(dtype)[6:]} B={B} H={H} N={N} D={D} K={K}", f"{t * 1e3:.2f} ms",
                    f"{moved / t / 1e9:.0f} GB/s = {100 * moved / t / peak:.0f}% of copy; reference {t_ref * 1e3:.2f} ms")
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            fb = lambda fn: lambda: torch.autograd.grad(fn(*leaves, index).sum(), leaves)  # noqa: E731
+            t_fb = timed(fb(ops.sparse_graph_attention))
+            t_fb_ref = timed(fb(graph_reference.sparse_graph_attention), 2)
+            record("  sparse fwd+bwd", f"{t_fb * 1e3:.2f} ms", f"reference {t_fb_ref * 1e3:.2f} ms, "
+                   f"ratio {t_fb_ref / t_fb:.2f}x; extra {peak_extra(fb(ops.sparse_graph_attention)):.0f} vs "
+                   f"{peak_extra(fb(graph_reference.sparse_graph_attention)):.0f} MiB")
             x = torch.randn(B, N, C, device="cuda", dtype=dtype)
             moved = x.numel() * size * (K + 2) + index.numel() * 8
             t = timed(lambda: ops.max_relative(x, index))

@@ -5,7 +5,8 @@
 // Written for clarity over peak speed (no tensor cores):
 // - Sparse: one warp per (batch, head, node). Lanes split the feature dimension; a warp
 //   reduction gives each score. The forward keeps an online softmax with the output chunk in
-//   registers; the backward recomputes the probabilities from the saved logsumexp and
+//   registers (rows of whole 16-byte vectors: lane groups handle several neighbours at once,
+//   see sparse_forward_vec_kernel); the backward recomputes the probabilities from the saved logsumexp and
 //   scatters key/value gradients with atomics into float32 buffers.
 // - Dense (flash-attention style): a block of kWarps warps handles kWarps query rows, one
 //   per warp. Key/value tiles of kTile rows pass through shared memory; lane t scores key t
@@ -103,6 +104,146 @@ __global__ void sparse_forward_kernel(const scalar_t* __restrict__ q, const scal
   if (blockIdx.y == 0 && lane == 0) lse[row] = m + log(l);
 }
 
+// Forward for rows made of whole 16-byte vectors (the common case: D, Dv multiples of 4
+// float32 or 8 half values). The warp splits into groups of `lpr` lanes (the fewest whose
+// 16-byte loads cover a row of q / k); each group scores and accumulates its own neighbours
+// with an online softmax, so up to 32 / lpr neighbour rows are in flight at once instead of
+// one, and the groups' partial softmaxes merge by shuffles at the end.
+constexpr int kVecBytes = 16;
+constexpr int kMaxVecsPerLane = 4;  // per row of q / k and of v: D, Dv <= 4 * 32 vectors
+
+template <typename scalar_t, typename acc_t, int VEC>
+__device__ __forceinline__ void load_vec(const scalar_t* p, acc_t (&out)[VEC]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  const scalar_t* s = reinterpret_cast<const scalar_t*>(&raw);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = to_acc<acc_t>(s[e]);
+}
+
+template <typename scalar_t, typename acc_t, int U>
+__global__ void sparse_forward_vec_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
+                                          const scalar_t* __restrict__ v,
+                                          const int64_t* __restrict__ index,
+                                          const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                                          acc_t* __restrict__ lse, int64_t rows, int64_t H, int64_t N,
+                                          int64_t D, int64_t Dv, int64_t K, acc_t scale, int lpr) {
+  constexpr int VEC = kVecBytes / sizeof(scalar_t);  // U vectors per lane and row
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * static_cast<int64_t>(kWarps) + threadIdx.x / 32;
+  if (row >= rows) return;  // uniform per warp
+  const int64_t bh = row / N, b = bh / H, i = row % N;
+  const int group = lane / lpr, gl = lane % lpr, groups = 32 / lpr;
+  const int nd = static_cast<int>(D / VEC), nv = static_cast<int>(Dv / VEC);
+  const scalar_t* kb = k + bh * N * D;
+  const scalar_t* vb = v + bh * N * Dv;
+  const int64_t* nb = index + (b * N + i) * K;
+  acc_t qa[U][VEC];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int c = gl + lpr * u;
+    if (c < nd) {
+      load_vec<scalar_t, acc_t, VEC>(q + row * D + c * VEC, qa[u]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) qa[u][e] = 0;
+    }
+  }
+  acc_t m = neg_inf<acc_t>(), l = 0;
+  acc_t acc[U][VEC];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[u][e] = 0;
+  for (int64_t t0 = 0; t0 < K; t0 += groups) {  // uniform per warp
+    const int64_t t = t0 + group;
+    const bool valid = t < K;
+    const int64_t j = valid ? nb[t] : 0;
+    acc_t s = 0;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = gl + lpr * u;
+      if (valid && c < nd) {
+        acc_t kv[VEC];
+        load_vec<scalar_t, acc_t, VEC>(kb + j * D + c * VEC, kv);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) s += qa[u][e] * kv[e];
+      }
+    }
+    for (int offset = lpr / 2; offset > 0; offset >>= 1) s += __shfl_xor_sync(kFullMask, s, offset);
+    s *= scale;
+    if (valid && bias) s += to_acc<acc_t>(bias[row * K + t]);
+    if (!valid) s = neg_inf<acc_t>();
+    const acc_t m_new = max(m, s);
+    const acc_t alpha = exp_shifted(m, m_new), p = exp_shifted(s, m_new);
+    l = l * alpha + p;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = gl + lpr * u;
+      acc_t vv[VEC];
+      if (valid && c < nv) {
+        load_vec<scalar_t, acc_t, VEC>(vb + j * Dv + c * VEC, vv);
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) vv[e] = 0;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[u][e] = acc[u][e] * alpha + p * vv[e];
+    }
+    m = m_new;
+  }
+  // Merge the groups' softmaxes: partners share gl and differ in group.
+  for (int offset = lpr; offset < 32; offset <<= 1) {
+    const acc_t m2 = __shfl_xor_sync(kFullMask, m, offset);
+    const acc_t l2 = __shfl_xor_sync(kFullMask, l, offset);
+    const acc_t m_new = max(m, m2);
+    const acc_t a = exp_shifted(m, m_new), c2 = exp_shifted(m2, m_new);
+    l = l * a + l2 * c2;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[u][e] = acc[u][e] * a + __shfl_xor_sync(kFullMask, acc[u][e], offset) * c2;
+    m = m_new;
+  }
+  if (group == 0) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = gl + lpr * u;
+      if (c < nv) {
+        alignas(kVecBytes) scalar_t packed[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) packed[e] = static_cast<scalar_t>(acc[u][e] / l);
+        *reinterpret_cast<uint4*>(out + row * Dv + c * VEC) = *reinterpret_cast<const uint4*>(packed);
+      }
+    }
+  }
+  if (lane == 0) lse[row] = m + log(l);
+}
+
+// Launch shape of sparse_forward_vec_kernel: lanes per neighbour row and vectors per lane
+// (1, 2 or 4; the register arrays' size). lanes = 0 when it does not apply: rows not made of
+// whole, aligned 16-byte vectors, or too wide for its registers.
+struct VecShape {
+  int lanes = 0;
+  int vectors = 0;
+};
+
+template <typename scalar_t>
+VecShape sparse_vec_shape(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out) {
+  constexpr int64_t VEC = kVecBytes / sizeof(scalar_t);
+  const int64_t D = q.size(3), Dv = v.size(3);
+  if (D % VEC != 0 || Dv % VEC != 0) return {};
+  for (const at::Tensor* t : {&q, &k, &v, &out})
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % kVecBytes != 0) return {};
+  const int64_t nd = D / VEC, nv = Dv / VEC;
+  VecShape shape{1, 1};
+  while (shape.lanes < 32 && shape.lanes < nd) shape.lanes *= 2;
+  while (shape.vectors < kMaxVecsPerLane && shape.vectors * shape.lanes < std::max(nd, nv))
+    shape.vectors *= 2;
+  if (std::max(nd, nv) > int64_t{shape.vectors} * shape.lanes) return {};
+  return shape;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void sparse_backward_kernel(const scalar_t* __restrict__ grad_out,
                                        const scalar_t* __restrict__ q,
@@ -170,6 +311,17 @@ std::tuple<at::Tensor, at::Tensor> sparse_graph_attention_cuda(
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sparse_graph_attention_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
+    if (const VecShape shape = sparse_vec_shape<scalar_t>(q, k, v, out); shape.lanes > 0) {
+      auto kernel = shape.vectors == 1   ? sparse_forward_vec_kernel<scalar_t, acc_t, 1>
+                    : shape.vectors == 2 ? sparse_forward_vec_kernel<scalar_t, acc_t, 2>
+                                         : sparse_forward_vec_kernel<scalar_t, acc_t, kMaxVecsPerLane>;
+      kernel<<<warp_blocks(rows), kBlockThreads, 0, stream>>>(
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          index.data_ptr<int64_t>(), bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+          out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(), rows, H, N, D, Dv, K,
+          static_cast<acc_t>(scale), shape.lanes);
+      return;
+    }
     dispatch_values_per_lane(Dv, 8, [&](auto vpl) {
       constexpr int V = decltype(vpl)::value;
       const dim3 grid(warp_blocks(rows), std::max(1u, feature_slices(Dv, V)));

@@ -53,7 +53,10 @@ def test_reference_agrees_with_loops():
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize(
     "B,H,N,D,Dv,K",
-    [(1, 1, 1, 1, 1, 1), (1, 1, 2, 3, 5, 6), (2, 3, 17, 8, 5, 4), (2, 1, 64, 300, 260, 9), (1, 2, 40, 33, 70, 1)],
+    [(1, 1, 1, 1, 1, 1), (1, 1, 2, 3, 5, 6), (2, 3, 17, 8, 5, 4), (2, 1, 64, 300, 260, 9), (1, 2, 40, 33, 70, 1),
+     # Rows of whole 16-byte vectors (the CUDA forward's lane-group path): 1 to 32 lanes per
+     # row, more neighbours than lane groups, several vectors per lane, Dv != D.
+     (2, 2, 50, 32, 32, 9), (1, 3, 40, 4, 8, 40), (1, 1, 20, 256, 64, 9), (1, 2, 30, 64, 128, 7)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -72,17 +75,18 @@ def test_matches_reference(device, B, H, N, D, Dv, K, with_bias, dtype):
 
 @needs_extension
 @pytest.mark.parametrize("device", devices())
-def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device):
+@pytest.mark.parametrize("Dv", [3, 4])  # 4: rows of whole 16-byte vectors in float64
+def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device, Dv):
     # A node whose every edge bias is -inf (a padded node, say): its output is 0 / 0 = NaN
     # as in the reference, but with no gradient flowing from it, the other nodes' gradients
     # stay finite and equal the reference's with that row unmasked (a row with zero
     # grad_out contributes nothing to them).
     g = generator(12)
-    q, k, v, index, bias = make_inputs(2, 2, 10, 4, 3, 5, g)
+    q, k, v, index, bias = make_inputs(2, 2, 10, 4, Dv, 5, g)
     masked = bias.clone()
     masked[1, 0, 3] = float("-inf")
     masked[0, 1, 7, :2] = float("-inf")  # a partly masked row, for contrast
-    grad_out = torch.randn(2, 2, 10, 3, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(2, 2, 10, Dv, generator=g, dtype=torch.float64)
     grad_out[1, 0, 3] = 0.0
     inputs = [t.to(device) for t in (q, k, v, index, masked)]
     out, grads = grads_of(ops.sparse_graph_attention, inputs, grad_out.to(device))
@@ -100,9 +104,10 @@ def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device):
 
 @pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(device, dtype):
+@pytest.mark.parametrize("D,Dv", [(16, 8), (12, 6), (64, 32)])
+def test_half_precision(device, dtype, D, Dv):
     g = generator(2)
-    q, k, v, index, bias = make_inputs(2, 2, 30, 16, 8, 5, g, dtype=torch.float32)
+    q, k, v, index, bias = make_inputs(2, 2, 30, D, Dv, 5, g, dtype=torch.float32)
     rounded = [t.to(dtype).double() for t in (q, k, v)]
     expected = graph_reference.sparse_graph_attention(*rounded, index, bias.to(dtype).double())
     out = ops.sparse_graph_attention(*(t.to(device, dtype) for t in (q, k, v)), index.to(device), bias.to(device, dtype))
