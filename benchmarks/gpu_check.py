@@ -90,9 +90,12 @@ def benchmarks() -> None:
         c = torch.randn(K, D, device="cuda")
         t_ours = timed(lambda: ops.sphere_distance(x, c), repeat=2)
         t_ref = timed(lambda: chunked_addmm_min(x, c), repeat=2)
-        torch.backends.cuda.matmul.allow_tf32 = True  # an inexact peer: TF32 products only
-        t_tf32 = timed(lambda: chunked_addmm_min(x, c), repeat=2)
-        torch.backends.cuda.matmul.allow_tf32 = False
+        before = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True  # an inexact peer: TF32 products only
+            t_tf32 = timed(lambda: chunked_addmm_min(x, c), repeat=2)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
         mem = peak_extra(lambda: ops.sphere_distance(x, c))
         record(f"sphere_distance fp32 M={M} K={K} D={D}", f"{t_ours * 1e3:.1f} ms",
                f"addmm+min {t_ref * 1e3:.1f} ms, speed-up {t_ref / t_ours:.2f}x (target 1.5x at D=1024), "

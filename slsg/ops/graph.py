@@ -27,15 +27,27 @@ def _check_finite(op: str, **tensors: torch.Tensor | None) -> None:
             raise ValueError(f"{op}: {name} contains NaN or Inf")
 
 
-# Ops whose eager PyTorch form is faster than our CUDA kernel on an H200 (benchmarks/
-# RESULTS.md, 2026-11-30): on CUDA, backend="auto" runs that form (dense attention: torch's
-# scaled_dot_product_attention; knn_graph: the blocked matmul + stable sort of the
-# reference, same result, bounded memory). backend="extension" still runs our kernels.
-EAGER_ON_CUDA = frozenset({"dense_graph_attention", "knn_graph"})
+# On CUDA, backend="auto" runs eager PyTorch where it beats our kernels on an H200 (benchmarks/
+# RESULTS.md, 2026-11-30), but only where it keeps their guarantees; backend="extension"
+# always runs our kernels.
+# - dense_graph_attention: torch's scaled_dot_product_attention, when its fused (flash /
+#   memory-efficient) kernels apply: half or float32 inputs, head sizes that are multiples of
+#   8 up to 256, and no gradient for the bias (SDPA would expand it to [B, H, Nq, Nk]).
+#   Otherwise SDPA's plain path would build every [Nq, Nk] score matrix at once.
+# - knn_graph: the reference (blocked matrix product and stable sort, same result), when
+#   float32 products are exact (TF32 off): else its neighbours could differ from the kernel's.
+def _sdpa_keeps_memory_bounded(q: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    dims_ok = all(d % 8 == 0 and 0 < d <= 256 for d in (q.shape[-1], v.shape[-1]))
+    dtype_ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return dims_ok and dtype_ok and (bias is None or not bias.requires_grad) and q.numel() > 0 and v.numel() > 0
 
 
-def _eager_on_cuda(op: str, t: torch.Tensor, backend: str) -> bool:
-    return t.is_cuda and backend == "auto" and op in EAGER_ON_CUDA
+def _exact_float32_products(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float64 or not torch.backends.cuda.matmul.allow_tf32
+
+
+def _auto_on_cuda(t: torch.Tensor, backend: str) -> bool:
+    return t.is_cuda and backend == "auto"
 
 
 def _check_index_values(op: str, index: torch.Tensor, n_source: int) -> None:
@@ -91,7 +103,9 @@ def knn_graph(
     keeping every ``dilation``-th (positions 0, d, 2d, ...). ``bias [N, N]`` is an optional
     additive term (e.g. a relative-position prior). Ties go to the lowest index. Without
     ``include_self`` a node is never its own neighbour. Memory is bounded by blocking (no
-    [B, N, N] tensor). Not differentiable (the result is an index).
+    [B, N, N] tensor). Not differentiable (the result is an index). On CUDA,
+    ``backend="auto"`` runs the blocked reference (faster there, same result) unless TF32
+    matrix products are enabled; ``backend="extension"`` selects our kernel.
     """
     op = "knn_graph"
     check_tensor(op, "x", x, ndim=3, shape_hint="[B, N, C]")
@@ -114,7 +128,8 @@ def knn_graph(
             raise ValueError(f"{op}: bias must be [N, N] = [{N}, {N}], got shape {tuple(bias.shape)}")
         check_same_device(op, x=x, bias=bias)
         bias = bias.to(x.dtype)
-    if use_extension(op, x.device, backend) and _kernel_dtype_ok(x) and not _eager_on_cuda(op, x, backend):
+    eager = _auto_on_cuda(x, backend) and _exact_float32_products(x)
+    if use_extension(op, x.device, backend) and _kernel_dtype_ok(x) and not eager:
         return torch.ops.slsg.knn_graph(x, k, dilation, bias, include_self)
     _check_finite(op, x=x, bias=bias)
     return graph_reference.knn_graph(x, k, dilation, bias, include_self)
@@ -191,9 +206,10 @@ def dense_graph_attention(
     the backward, for as many (batch, head) pairs as fit in ``KEPT_SCORES_MAX_BYTES``
     (32 MiB). Returns
     ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias. On CUDA, ``backend="auto"`` runs
-    ``torch.nn.functional.scaled_dot_product_attention``, faster there than our kernel (a row
-    whose bias is all -inf then gives 0, SDPA's convention, instead of NaN);
-    ``backend="extension"`` selects the kernel.
+    ``torch.nn.functional.scaled_dot_product_attention`` where its fused kernels apply (half
+    or float32, head sizes multiples of 8 up to 256, no bias gradient): faster there than our
+    kernel. A row whose bias is all -inf may then give 0 (SDPA's convention in recent torch)
+    rather than NaN. ``backend="extension"`` selects our kernel.
     """
     op = "dense_graph_attention"
     _check_qkv(op, q, k, v)
@@ -208,9 +224,8 @@ def dense_graph_attention(
         bias = bias.to(q.dtype)
     check_same_device(op, q=q, k=k, v=v, bias=bias)
     scale = _check_scale(op, scale, D)
-    if _eager_on_cuda(op, q, backend) and q.numel() > 0 and k.numel() > 0:
-        # Fused flash / memory-efficient kernels, memory bounded like ours. The bias
-        # [H, Nq, Nk] broadcasts over the batch.
+    if _auto_on_cuda(q, backend) and k.numel() > 0 and _sdpa_keeps_memory_bounded(q, v, bias):
+        # The bias [H, Nq, Nk] broadcasts over the batch.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
     if use_extension(op, q.device, backend) and _kernel_dtype_ok(q):
         kept = _kept_dense_slices(q, k, v, bias)

@@ -17,7 +17,7 @@ def generator(*seed_parts: int) -> torch.Generator:
 
 def kernel_backend(device: str) -> str:
     """The backend that runs our kernel: on CUDA, "auto" runs eager PyTorch for some ops
-    (slsg.ops.graph.EAGER_ON_CUDA)."""
+    (slsg.ops.graph._auto_on_cuda)."""
     return "extension" if device == "cuda" else "auto"
 
 

@@ -83,17 +83,36 @@ def test_half_precision(device, dtype):
     torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
 
 
+def test_cuda_auto_takes_sdpa_only_where_its_fused_kernels_apply():
+    # Elsewhere SDPA's plain path would hold every [Nq, Nk] score matrix, or expand a bias
+    # that needs a gradient to [B, H, Nq, Nk]: our kernel keeps memory bounded there.
+    q, v = torch.randn(2, 3, 40, 16), torch.randn(2, 3, 40, 8)
+    bias = torch.randn(3, 40, 40)
+    assert graph_ops._sdpa_keeps_memory_bounded(q, v, None)
+    assert graph_ops._sdpa_keeps_memory_bounded(q.half(), v.half(), bias.half())
+    assert not graph_ops._sdpa_keeps_memory_bounded(q, v, bias.requires_grad_())
+    assert not graph_ops._sdpa_keeps_memory_bounded(q.double(), v.double(), None)
+    assert not graph_ops._sdpa_keeps_memory_bounded(q[..., :12], v, None)
+    assert not graph_ops._sdpa_keeps_memory_bounded(torch.randn(1, 1, 4, 264), v[:1, :1, :4], None)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_auto_runs_fused_sdpa(dtype):
+@pytest.mark.parametrize("bias_grad", [False, True])  # True: our kernel (SDPA would expand it)
+def test_cuda_auto_matches_reference(dtype, bias_grad):
     g = generator(3)
-    inputs = make_inputs(2, 3, 40, 56, 16, 8, g, dtype=torch.float32)
+    q, k, v, bias = make_inputs(2, 3, 40, 56, 16, 8, g, dtype=torch.float32)
     grad_out = torch.randn(2, 3, 40, 8, generator=g, dtype=torch.float64)
-    expected, expected_grads = grads_of(graph_reference.dense_graph_attention, [t.double() for t in inputs], grad_out)
-    cast = [t.to("cuda", dtype) for t in inputs]
-    out, out_grads = grads_of(ops.dense_graph_attention, cast, grad_out.to("cuda", dtype))
+    results = []
+    for fn, device, t_dtype, t_grad in ((graph_reference.dense_graph_attention, "cpu", torch.float64, grad_out),
+                                        (ops.dense_graph_attention, "cuda", dtype, grad_out.to("cuda", dtype))):
+        leaves = [t.to(device, t_dtype).requires_grad_(t is not bias or bias_grad) for t in (q, k, v, bias)]
+        out = fn(*leaves)
+        wanted = leaves if bias_grad else leaves[:3]
+        results.append((out, torch.autograd.grad(out, wanted, t_grad)))
+    (expected, expected_grads), (out, out_grads) = results
     torch.testing.assert_close(out.double().cpu(), expected, **tolerances(dtype))
-    for a, b in zip(out_grads, expected_grads):  # q, k, v and the bias summed over the batch
+    for a, b in zip(out_grads, expected_grads, strict=True):  # q, k, v (and the bias summed over the batch)
         torch.testing.assert_close(a.double().cpu(), b, **tolerances(dtype))
 
 
@@ -134,7 +153,7 @@ def test_masked_entries_match_reference(device):
     bias[:, 3, :100] = float("-inf")
     inputs = [t.to(device) for t in (q, k, v, bias)]
     grad_out = torch.randn(2, 2, 37, 3, generator=g, dtype=torch.float64).to(device)
-    out, grads = grads_of(ops.dense_graph_attention, inputs, grad_out)
+    out, grads = grads_of(kernel_on(device), inputs, grad_out)
     ref_out, ref_grads = grads_of(graph_reference.dense_graph_attention, inputs, grad_out)
     torch.testing.assert_close(out, ref_out)
     for got, want in zip(grads, ref_grads):
@@ -153,7 +172,7 @@ def test_fully_masked_row_gives_the_same_value_gradient_on_cuda_and_cpu():
     grad_out = torch.randn(1, 1, 9, 3, generator=g)
     grad_out[0, 0, 2] = 0.0  # so the masked row's own NaN output does not reach the loss
     _, cpu = grads_of(ops.dense_graph_attention, [q, k, v, bias], grad_out)
-    _, cuda = grads_of(ops.dense_graph_attention, [t.cuda() for t in (q, k, v, bias)], grad_out.cuda())
+    _, cuda = grads_of(kernel_on("cuda"), [t.cuda() for t in (q, k, v, bias)], grad_out.cuda())
     assert torch.isfinite(cpu[2]).all()
     torch.testing.assert_close(cuda[2].cpu(), cpu[2], atol=1e-5, rtol=1e-4)
 

@@ -56,7 +56,8 @@ def test_reference_agrees_with_loops():
     [(1, 1, 1, 1, 1, 1), (1, 1, 2, 3, 5, 6), (2, 3, 17, 8, 5, 4), (2, 1, 64, 300, 260, 9), (1, 2, 40, 33, 70, 1),
      # Rows of whole 16-byte vectors (the CUDA forward's lane-group path): 1 to 32 lanes per
      # row, more neighbours than lane groups, several vectors per lane, Dv != D.
-     (2, 2, 50, 32, 32, 9), (1, 3, 40, 4, 8, 40), (1, 1, 20, 256, 64, 9), (1, 2, 30, 64, 128, 7)],
+     (2, 2, 50, 32, 32, 9), (1, 3, 40, 4, 8, 40), (1, 1, 20, 256, 64, 9), (1, 2, 30, 64, 128, 7),
+     (1, 2, 30, 16, 16, 5), (1, 1, 25, 8, 32, 6)],
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -100,6 +101,24 @@ def test_fully_masked_row_does_not_spill_nan_into_other_gradients(device, Dv):
     for got, want in zip(grads, ref_grads):
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.cpu(), want)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_inputs_at_an_unaligned_storage_offset(device):
+    # Contiguous views that start 4 bytes into their storage: the CUDA forward's 16-byte
+    # loads do not apply and the general kernel must run.
+    g = generator(13)
+    q, k, v, index, bias = make_inputs(1, 2, 20, 8, 8, 4, g, dtype=torch.float32)
+    shifted = []
+    for t in (q, k, v):
+        flat = torch.empty(t.numel() + 1, device=device)
+        flat[1:] = t.flatten().to(device)
+        shifted.append(flat[1:].view(t.shape))
+    assert shifted[0].is_contiguous() and shifted[0].data_ptr() % 16 != 0
+    out = ops.sparse_graph_attention(*shifted, index.to(device), bias.to(device))
+    expected = graph_reference.sparse_graph_attention(*(t.double() for t in (q, k, v)), index, bias.double())
+    torch.testing.assert_close(out.double().cpu(), expected, **tolerances(torch.float32))
 
 
 @pytest.mark.parametrize("device", devices())

@@ -74,16 +74,43 @@ def test_small_integers_give_the_reference_exactly(device, dtype, k):
         assert torch.equal(dist.cpu().float(), ref_dist)
 
 
+def clustered_centres(queries: int, per_query: int, D: int, g: torch.Generator, first=0.05, step=1e-3):
+    """Queries, and per_query centres around each with squared distances first, first + step,
+    ... in a shuffled index order; then as many random far centres. The gaps (step) are far
+    above float32 rounding but below TF32's error and the CUDA screening bound."""
+    x = torch.randn(queries, D, generator=g, dtype=torch.float64)
+    d2 = first + step * torch.stack([torch.randperm(per_query, generator=g) for _ in range(queries)]).double()
+    u = torch.nn.functional.normalize(torch.randn(queries, per_query, D, generator=g, dtype=torch.float64), dim=-1)
+    near = (x[:, None] + d2.sqrt()[..., None] * u).reshape(-1, D)
+    centers = torch.cat([near, 3 * torch.randn(queries * per_query, D, generator=g, dtype=torch.float64)])
+    return x.float(), centers.float()
+
+
 @needs_extension
 @pytest.mark.parametrize("device", devices())
-def test_near_duplicate_centres(device):
-    # 600 centres closer to each other than the CUDA TF32 screening can separate: the exact
-    # float32 path must take over for these queries.
-    g = torch.Generator().manual_seed(11)
-    base = torch.randn(1, 64, generator=g)
-    centers = base + 1e-3 * torch.randn(600, 64, generator=g)
-    x = torch.cat([base + 1e-3 * torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g)])
-    check_against_reference(x.to(device), centers.to(device), None, 3)
+@pytest.mark.parametrize("k", [3, 20])
+def test_near_duplicate_centres(device, k):
+    # 400 centres per query inside the CUDA TF32 screening's bound: its candidate list
+    # overflows and the exact float32 path takes over (k = 20: the exact path throughout).
+    x, centers = clustered_centres(10, 400, 64, torch.Generator().manual_seed(11))
+    dist, index = ops.sphere_distance(x.to(device), centers.to(device), k=k)
+    ref_dist, ref_index = reference.sphere_distance(x.double(), centers.double(), None, k)
+    assert torch.equal(index.cpu(), ref_index)
+    torch.testing.assert_close(dist.cpu().double(), ref_dist, atol=1e-4, rtol=0)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_ties_across_centre_tiles(device):
+    # Exact duplicates 4500 rows apart (CUDA centre tiles hold 4096): the lowest index wins.
+    g = torch.Generator().manual_seed(14)
+    half = torch.randint(-3, 4, (4500, 4), generator=g).float()
+    centers = torch.cat([half, half])
+    x = torch.randint(-3, 4, (50, 4), generator=g).float()
+    for k in (1, 4, 16, 17):
+        dist, index = ops.sphere_distance(x.to(device), centers.to(device), k=k)
+        ref_dist, ref_index = reference.sphere_distance(x, centers, None, k)
+        assert torch.equal(index.cpu(), ref_index) and torch.equal(dist.cpu(), ref_dist)
 
 
 @needs_extension
@@ -102,14 +129,17 @@ def test_several_query_and_centre_tiles(device, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @needs_extension
 def test_cuda_result_ignores_the_tf32_setting():
-    g = torch.Generator().manual_seed(13)
-    x, centers = torch.randn(300, 256, generator=g).cuda(), torch.randn(2000, 256, generator=g).cuda()
+    # Squared distances 1e-3 apart around each query, |x|^2 ~ 256: TF32 products (error ~0.1)
+    # would scramble their order; float32 (error ~1e-4) does not.
+    x, centers = clustered_centres(40, 30, 256, torch.Generator().manual_seed(13))
     before = torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = True
-        for k in (1, 4, 20):
-            check_against_reference(x, centers, None, k, atol=2e-4)
-            check_against_reference(x.double(), centers.double(), None, k, atol=1e-9)
+        for k in (1, 4, 20):  # screened (k <= 16) and exact paths
+            _, ref_index = reference.sphere_distance(x.double(), centers.double(), None, k)
+            for dtype in (torch.float32, torch.float64):
+                _, index = ops.sphere_distance(x.cuda().to(dtype), centers.cuda().to(dtype), k=k)
+                assert torch.equal(index.cpu(), ref_index)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
 
