@@ -29,12 +29,25 @@ def find_cuda_home() -> str | None:
     return None
 
 
-def nvidia_wheel_includes() -> list[str]:
-    """Headers shipped in torch's nvidia-* wheels (e.g. cuBLAS) that a bare toolkit may lack."""
+def _nvidia_wheel_dirs(kind: str) -> list[str]:
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []
     dirs = []
     for base in spec.submodule_search_locations:
-        dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+        dirs += sorted(glob.glob(os.path.join(base, "*", kind)))
     return dirs
+
+
+def nvidia_wheel_includes() -> list[str]:
+    """Headers shipped in torch's nvidia-* wheels (e.g. cuBLAS) that a bare toolkit may lack."""
+    return _nvidia_wheel_dirs("include")
+
+
+def nvidia_wheel_library(name: str) -> str | None:
+    """lib<name>.so[.N] from torch's nvidia-* wheels (e.g. nvrtc, which a bare toolkit may lack)."""
+    for folder in _nvidia_wheel_dirs("lib"):
+        found = sorted(glob.glob(os.path.join(folder, f"lib{name}.so*")))
+        if found:
+            return found[0]
+    return None
