@@ -28,8 +28,8 @@ grep -c -i "warning" "$LOG_DIR/gpu_check_build.log" | sed 's/^/build warnings: /
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 if $PY -c "import pytest" 2>/dev/null; then
-  stage "CUDA tests (pytest -k cuda, launches synchronous so errors point at their kernel)"
-  CUDA_LAUNCH_BLOCKING=1 timeout 200 $PY -m pytest tests/ops tests/nn -q -k cuda -p no:cacheprovider --maxfail=15 \
+  stage "CUDA tests (pytest -k cuda, launches synchronous so errors point at their kernel; the CMake build with CUDA kernels too)"
+  CUDA_LAUNCH_BLOCKING=1 timeout 260 $PY -m pytest tests/ops tests/nn tests/test_cmake_build.py -q -k cuda -p no:cacheprovider --maxfail=15 \
     --tb=short -rfE > "$LOG_DIR/gpu_check_pytest.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)|passed|failed" "$LOG_DIR/gpu_check_pytest.log" | tail -30
   [ $status -ne 0 ] && grep -n -A25 -E "^_{3,} .* _{3,}$" "$LOG_DIR/gpu_check_pytest.log" | head -150

@@ -59,6 +59,9 @@ def test_cmake_build_loads_and_runs(tmp_path, cuda):
         "assert torch.ops.slsg.topk_mean(torch.tensor([[1.0, 4.0, 2.0]]), 2).item() == 3.0\n"
         "has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key('slsg::sphere_distance', 'CUDA')\n"
         f"assert has_cuda == {cuda}, has_cuda\n"
+        "if has_cuda and torch.cuda.is_available():  # on a GPU machine, run a CUDA kernel too\n"
+        "    d, i = torch.ops.slsg.sphere_distance(x.cuda(), c.cuda(), None, 2)\n"
+        "    assert i.tolist() == [[0, 1], [1, 0]] and d.tolist() == [[1.0, 6.25], [0.25, 4.0]], (d, i)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
