@@ -5,9 +5,11 @@
 // Written for clarity over peak speed (no tensor cores):
 // - Sparse: one warp per (batch, head, node). Lanes split the feature dimension; a warp
 //   reduction gives each score. The forward keeps an online softmax with the output chunk in
-//   registers (rows of whole 16-byte vectors: lane groups handle several neighbours at once,
-//   see sparse_forward_vec_kernel); the backward recomputes the probabilities from the saved logsumexp and
-//   scatters key/value gradients with atomics into float32 buffers.
+//   registers (rows of whole 16-byte vectors: lane groups handle several neighbours at
+//   once, see sparse_forward_vec_kernel); the backward recomputes the probabilities from the
+//   saved logsumexp and scatters key/value gradients with atomics into float32 buffers.
+//   On an H200 the dense kernels are far slower than torch's SDPA (benchmarks/RESULTS.md),
+//   so slsg.ops runs SDPA there unless backend="extension".
 // - Dense (flash-attention style): a block of kWarps warps handles kWarps query rows, one
 //   per warp. Key/value tiles of kTile rows pass through shared memory; lane t scores key t
 //   of the tile, so a tile costs one pass over D per lane and an online-softmax update.

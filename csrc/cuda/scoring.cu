@@ -6,14 +6,14 @@
 // - float16 / bfloat16 inputs: tensor-core products with float32 accumulation are the exact
 //   computation the op promises, so one pass selects the result.
 // - float32 inputs are screened first: tensor cores in TF32 give each value to within a
-//   rigorous bound e = delta (||x|| + sqrt(||c||^2 + r^2))^2 (TF32 keeps 10 of 23 mantissa bits, so each
-//   product is within 2^-9 relative, plus float32 accumulation). The k-th smallest upper
-//   bound T is a threshold no result can exceed; every centre whose lower bound is <= T
-//   becomes a candidate, and candidates are recomputed exactly in float32. A query with more
-//   than kCandidates candidates (near-duplicates closer than the bound) is recomputed by the
-//   exact float32 path instead, so the result never depends on TF32.
+//   rigorous bound e = delta (||x|| + sqrt(||c||^2 + r^2))^2 (TF32 keeps 10 of 23 mantissa
+//   bits, so each product is within 2^-9 relative, plus float32 accumulation). The k-th
+//   smallest upper bound T is a threshold no result can exceed; every centre whose lower
+//   bound is <= T becomes a candidate, and candidates are recomputed exactly in float32. A
+//   query with more than kCandidates candidates (near-duplicates closer than the bound) is
+//   recomputed by the exact float32 path instead, so the result never depends on TF32.
 // - float64, and k > kWarpK, take the exact path: cuBLAS in the input precision (never TF32,
-//   whatever torch's matmul settings) and the same selection.
+//   whatever torch's matmul settings); k > kWarpK scans each query's row in one thread.
 // Extra memory is bounded by the tile sizes, never [M, K].
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
