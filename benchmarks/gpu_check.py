@@ -83,6 +83,15 @@ def chunked_addmm_min(x, c, rows=4096):
     return out
 
 
+def chunked_addmm_topk(x, c, k, rows=4096):
+    cn = c.square().sum(1)
+    out = []
+    for xb in x.split(rows):
+        d = torch.addmm(cn, xb, c.T, alpha=-2).add_(xb.square().sum(1, keepdim=True))
+        out.append(d.topk(k, dim=1, largest=False))
+    return out
+
+
 def benchmarks() -> None:
     torch.manual_seed(0)
     for M, K, D in [(65536, 200000, 1024), (65536, 200000, 128), (4096, 16384, 384)]:
@@ -105,6 +114,14 @@ def benchmarks() -> None:
             t_h = timed(lambda: ops.sphere_distance(xh, ch), repeat=1)
             record(f"sphere_distance {str(dtype)[6:]} M={M} K={K} D={D}", f"{t_h * 1e3:.1f} ms")
         del x, c
+    # k > 1: the k-value warp selection (k <= 16) and the one-thread-per-query scan (k > 16).
+    x, c = torch.randn(65536, 384, device="cuda"), torch.randn(200000, 384, device="cuda")
+    for k in (8, 32):
+        t_ours = timed(lambda: ops.sphere_distance(x, c, k=k), repeat=1)
+        t_ref = timed(lambda: chunked_addmm_topk(x, c, k), repeat=1)
+        record(f"sphere_distance fp32 M=65536 K=200000 D=384 k={k}", f"{t_ours * 1e3:.1f} ms",
+               f"addmm+topk {t_ref * 1e3:.1f} ms, speed-up {t_ref / t_ours:.2f}x")
+    del x, c
     x = torch.randn(214016, 1536, device="cuda")
     t = timed(lambda: ops.greedy_coreset(x, 21401), repeat=1)
     record("greedy_coreset 214016x1536 -> 10%", f"{t:.2f} s", "projection_dim=128")
