@@ -75,21 +75,19 @@ def correctness() -> None:
     check("sphere_distance gradcheck float64", torch.autograd.gradcheck(lambda a, b: ops.sphere_distance(a, b, k=2)[0], (xg, cg)))
 
 
-def chunked_addmm_min(x, c, rows=4096):
+def chunked_distances(x, c, rows=4096):
+    """Squared distances [rows, K] block by block: the eager peers' addmm."""
     cn = c.square().sum(1)
-    out = []
     for xb in x.split(rows):
-        out.append(torch.addmm(cn, xb, c.T, alpha=-2).add_(xb.square().sum(1, keepdim=True)).min(1))
-    return out
+        yield torch.addmm(cn, xb, c.T, alpha=-2).add_(xb.square().sum(1, keepdim=True))
 
 
-def chunked_addmm_topk(x, c, k, rows=4096):
-    cn = c.square().sum(1)
-    out = []
-    for xb in x.split(rows):
-        d = torch.addmm(cn, xb, c.T, alpha=-2).add_(xb.square().sum(1, keepdim=True))
-        out.append(d.topk(k, dim=1, largest=False))
-    return out
+def chunked_addmm_min(x, c):
+    return [d.min(1) for d in chunked_distances(x, c)]
+
+
+def chunked_addmm_topk(x, c, k):
+    return [d.topk(k, dim=1, largest=False) for d in chunked_distances(x, c)]
 
 
 def benchmarks() -> None:

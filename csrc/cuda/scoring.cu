@@ -356,13 +356,14 @@ void select_tile(const at::Tensor& tile, int64_t rows, const at::Tensor& x_norm,
 }
 
 // Exact k smallest values for the rows of xq ([mq, D], input dtype, contiguous), written into
-// dist / index [mq, k] (which start as (+inf, -1)).
+// dist / index [mq, k] (which start as (+inf, -1)). `tile`: a buffer of at least one tile to
+// reuse, else one is allocated.
 template <typename acc_t>
 void exact_search(const at::Tensor& xq, const at::Tensor& xq_norm, const Bank& bank, int64_t k,
-                  at::Tensor& dist, at::Tensor& index) {
+                  at::Tensor& dist, at::Tensor& index, at::Tensor tile = {}) {
   const int64_t M = xq.size(0), K = bank.centers.size(0);
   const int64_t rows_max = std::min(M, kRowTile), cols_max = std::min(K, kCenterTile);
-  at::Tensor tile = at::empty({rows_max, cols_max}, xq_norm.options());
+  if (!tile.defined()) tile = at::empty({rows_max, cols_max}, xq_norm.options());
   for (int64_t m0 = 0; m0 < M; m0 += rows_max) {
     const int64_t rows = std::min(rows_max, M - m0);
     at::Tensor xb = xq.narrow(0, m0, rows), nb = xq_norm.narrow(0, m0, rows);
@@ -437,7 +438,7 @@ void screened_search(const at::Tensor& x, const at::Tensor& x_norm, const Bank& 
       at::Tensor ov = at::full({overflow.numel(), k}, std::numeric_limits<float>::infinity(), f32);
       at::Tensor oj = at::full({overflow.numel(), k}, -1, f32.dtype(at::kLong));
       exact_search<float>(xb.index_select(0, overflow), nb.index_select(0, overflow), bank, k,
-                          ov, oj);
+                          ov, oj, tile);  // the screening's tile buffer: no second one
       dv.index_copy_(0, overflow, ov);
       dj.index_copy_(0, overflow, oj);
     }
