@@ -33,9 +33,12 @@ TORCH_LIBRARY(slsg, m) {
   // spares the backward one matrix product for those pairs. Empty when kept_slices is 0.
   m.def("dense_graph_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
         "int kept_slices=0) -> (Tensor, Tensor, Tensor)");
+  // With shared_qk (the caller passed one tensor as q and k; CPU only), grad_q is the whole
+  // gradient of that tensor, dq + dk, computed with one product fewer per tile, and grad_k
+  // is empty.
   m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-        "Tensor? bias, Tensor out, Tensor lse, Tensor? scores, float scale, bool bias_grad) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
+        "Tensor? bias, Tensor out, Tensor lse, Tensor? scores, float scale, bool bias_grad, "
+        "bool shared_qk=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Which matrix product the CPU scoring and kNN kernels use: "avx2" (ours) or "blas".
   m.def("cpu_gemm() -> str", []() -> std::string { return slsg::gemm::available() ? "avx2" : "blas"; });
 }

@@ -12,7 +12,9 @@
 // over the tile while it is in cache. Extra memory is a few tiles per thread, never an
 // N x N matrix. The backward recomputes the probabilities tile by tile from the saved
 // logsumexp, from the scores themselves where the forward kept them (kept_slices: the
-// caller bounds their size), else from a fresh Q K^T product.
+// caller bounds their size), else from a fresh Q K^T product. When the caller passed one
+// tensor as q and k (shared_qk), it returns that tensor's whole gradient, (dS + dS^T) Q,
+// with one product fewer per tile.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -474,12 +476,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cpu(
           kept_slices > 0 ? scores : at::empty({0}, q.options())};
 }
 
+// row_dot[i] = dO_i . O_i = sum_j P_ij dP_ij, the softmax backward's row term, for the
+// rows of slice bh ([BH, N, Dv] views). Done here rather than by whole-tensor ATen ops: one
+// parallel region per call. A fully masked row (lse = -inf) has out = NaN; its P row is 0,
+// so is its term (else 0 * NaN would spill NaN into dk and the bias gradient).
+template <typename scalar_t>
+void softmax_row_terms(scalar_t* row_dot, const at::Tensor& dout, const at::Tensor& out, const at::Tensor& lse,
+                       int64_t bh) {
+  const int64_t N = out.size(1), Dv = out.size(2);
+  const scalar_t* dod = dout.data_ptr<scalar_t>() + bh * N * Dv;
+  const scalar_t* od = out.data_ptr<scalar_t>() + bh * N * Dv;
+  const scalar_t* lsed = lse.data_ptr<scalar_t>() + bh * N;
+  for (int64_t i = 0; i < N; ++i)
+    row_dot[i] = lsed[i] == -std::numeric_limits<scalar_t>::infinity() ? scalar_t(0) : dot(dod + i * Dv, od + i * Dv, Dv);
+}
+
 template <typename scalar_t>
 void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
                            const at::Tensor& lse, const at::Tensor& scores, double scale, int64_t H,
                            at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, at::Tensor& gbias) {
-  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
+  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1);
   const int64_t nqb = (Nq + kQueryTileB - 1) / kQueryTileB;
   const int64_t kept = scores.defined() ? scores.size(0) : 0;
   const bool bias_grad = gbias.numel() > 0;
@@ -492,18 +509,9 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
     std::vector<scalar_t> row_dot(Nq);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t h = bh % H;
-      // D_i = dO_i . O_i = sum_j P_ij dP_ij is the softmax backward's row term. Done here
-      // rather than by whole-tensor ATen ops: one parallel region per call. The gradient
-      // slices are not zeroed: the first product into each overwrites it (beta = 0), which
-      // saves a pass over them and a read of C in each first product.
-      const scalar_t* dod = dout.data_ptr<scalar_t>() + bh * Nq * Dv;
-      const scalar_t* od = out.data_ptr<scalar_t>() + bh * Nq * Dv;
-      // A fully masked row (lse = -inf) has out = NaN; its P row is 0, so is its D_i (else
-      // 0 * NaN would spill NaN into dk and the bias gradient).
-      const scalar_t* lsed = lse.data_ptr<scalar_t>() + bh * Nq;
-      for (int64_t i = 0; i < Nq; ++i)
-        row_dot[i] = lsed[i] == -std::numeric_limits<scalar_t>::infinity() ? scalar_t(0)
-                                                                           : dot(dod + i * Dv, od + i * Dv, Dv);
+      // The gradient slices are not zeroed: the first product into each overwrites it
+      // (beta = 0), which saves a pass over them and a read of C in each first product.
+      softmax_row_terms(row_dot.data(), dout, out, lse, bh);
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t q0 = qb * kQueryTileB, rows = std::min(kQueryTileB, Nq - q0);
         const at::Tensor Q = q[bh].narrow(0, q0, rows);
@@ -543,12 +551,124 @@ void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at
   });
 }
 
+// dst[r, c] += src[c, r] for a [rows, cols] dst (row stride cols) and a [cols, rows] src
+// (row stride rows), in square blocks so both sides stay in L1.
+template <typename T>
+void add_transposed(T* dst, const T* src, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[r * cols + c] += src[c * rows + r];
+}
+
+// Square tiles of the shared-projection backward (below): four per thread.
+constexpr int64_t kSharedTile = 256;
+
+// The backward when k is q (the graph layer's shared query/key projection). The gradient of
+// q is then scale * (dS + dS^T) Q, one product where the general backward does two (dq and
+// dk), so tiles go in pairs (I, J), (J, I): both dS tiles are formed, summed transposed, and
+// multiplied once per side. Without kept scores the pair also shares one Q_I Q_J^T product
+// (S_JI is S_IJ^T before the bias). Per tile pair: 6 products (8 without kept scores)
+// against the general backward's 8 (10). Parallel over (batch, head) like the general one.
+template <typename scalar_t>
+void dense_backward_shared_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& v,
+                                  const at::Tensor& bias, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& scores, double scale, int64_t H, at::Tensor& gq,
+                                  at::Tensor& gv, at::Tensor& gbias) {
+  const int64_t BH = q.size(0), N = q.size(1);
+  const int64_t nt = (N + kSharedTile - 1) / kSharedTile;
+  const int64_t kept = scores.defined() ? scores.size(0) : 0;
+  const bool bias_grad = gbias.numel() > 0;
+  // The bias gradient sums over the batch: one lock per (head, tile row) stripe, and a
+  // thread holds at most one at a time.
+  std::unique_ptr<std::mutex[]> stripe_locks(new std::mutex[std::max<int64_t>(1, H * nt)]);
+  parallel_tiles(0, BH, [&](int64_t begin, int64_t end) {
+    const int64_t side = std::min(kSharedTile, N);
+    at::Tensor buffer = at::empty({4 * side * side}, q.options());
+    const auto buffer_view = [&](int64_t which, int64_t rows, int64_t cols) {
+      return buffer.narrow(0, which * side * side, rows * cols).view({rows, cols});
+    };
+    std::vector<scalar_t> row_dot(N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t h = bh % H;
+      const scalar_t* L = lse.data_ptr<scalar_t>() + bh * N;
+      softmax_row_terms(row_dot.data(), dout, out, lse, bh);
+      gq[bh].zero_();
+      gv[bh].zero_();
+      // P = exp(scores - lse) over rows [r0, r0 + rows) and columns [c0, c0 + cols), into P
+      // (which may already hold the raw scores), or straight from the kept scores.
+      const auto probabilities = [&](at::Tensor& P, int64_t r0, int64_t c0, bool from_kept) {
+        const int64_t rows = P.size(0), cols = P.size(1);
+        scalar_t* pd = P.data_ptr<scalar_t>();
+        const scalar_t* src = from_kept ? scores.data_ptr<scalar_t>() + (bh * N + r0) * N + c0 : pd;
+        const int64_t ld = from_kept ? N : cols;
+        for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(src + r * ld, pd + r * cols, cols, finite_or_zero(L[r0 + r]));
+      };
+      // dS = P o (dO_rows V_cols^T - D_rows) into dS.
+      const auto score_grad = [&](at::Tensor& dS, const at::Tensor& P, int64_t r0, int64_t c0) {
+        const int64_t rows = dS.size(0), cols = dS.size(1);
+        at::mm_out(dS, dout[bh].narrow(0, r0, rows), v[bh].narrow(0, c0, cols).t());
+        scalar_t* dsd = dS.data_ptr<scalar_t>();
+        const scalar_t* pd = P.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) softmax_grad(dsd + r * cols, pd + r * cols, cols, row_dot[r0 + r]);
+        if (bias_grad) {
+          std::lock_guard<std::mutex> guard(stripe_locks[h * nt + r0 / kSharedTile]);
+          gbias[h].narrow(0, r0, rows).narrow(1, c0, cols).add_(dS);
+        }
+      };
+      for (int64_t ti = 0; ti < nt; ++ti) {
+        const int64_t i0 = ti * kSharedTile, ri = std::min(kSharedTile, N - i0);
+        const at::Tensor Qi = q[bh].narrow(0, i0, ri), dOi = dout[bh].narrow(0, i0, ri);
+        at::Tensor dQi = gq[bh].narrow(0, i0, ri), dVi = gv[bh].narrow(0, i0, ri);
+        for (int64_t tj = ti; tj < nt; ++tj) {
+          const int64_t j0 = tj * kSharedTile, rj = std::min(kSharedTile, N - j0);
+          const bool diagonal = ti == tj;
+          const at::Tensor Qj = q[bh].narrow(0, j0, rj), dOj = dout[bh].narrow(0, j0, rj);
+          at::Tensor dQj = gq[bh].narrow(0, j0, rj), dVj = gv[bh].narrow(0, j0, rj);
+          at::Tensor Pij = buffer_view(0, ri, rj), Pji = buffer_view(1, rj, ri);
+          if (bh < kept) {
+            probabilities(Pij, i0, j0, true);
+            if (!diagonal) probabilities(Pji, j0, i0, true);
+          } else {
+            tile_scores(Pij, Qi, Qj, at::Tensor(), scale);
+            if (!diagonal) {
+              Pji.copy_(Pij.t());
+              if (bias.defined()) Pji.add_(bias[h].narrow(0, j0, rj).narrow(1, i0, ri));
+              probabilities(Pji, j0, i0, false);
+            }
+            if (bias.defined()) Pij.add_(bias[h].narrow(0, i0, ri).narrow(1, j0, rj));
+            probabilities(Pij, i0, j0, false);
+          }
+          dVj.addmm_(Pij.t(), dOi);
+          at::Tensor dSij = buffer_view(2, ri, rj), dSji = buffer_view(3, rj, ri);
+          score_grad(dSij, Pij, i0, j0);
+          if (diagonal) {
+            at::Tensor sum = buffer_view(1, ri, ri);  // Pji's slot is free on the diagonal
+            at::add_out(sum, dSij, dSij.t());
+            dQi.addmm_(sum, Qi, 1.0, scale);
+            continue;
+          }
+          dVi.addmm_(Pji.t(), dOj);
+          score_grad(dSji, Pji, j0, i0);
+          add_transposed(dSij.data_ptr<scalar_t>(), dSji.data_ptr<scalar_t>(), ri, rj);
+          dQi.addmm_(dSij, Qj, 1.0, scale);
+          dQj.addmm_(dSij.t(), Qi, 1.0, scale);
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_backward_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& out_in,
-    const at::Tensor& lse_in, const std::optional<at::Tensor>& scores_in, double scale, bool bias_grad) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& scores_in, double scale, bool bias_grad,
+    bool shared_qk) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cpu_float("dense_graph_attention_backward", q_in);
+  TORCH_CHECK(!shared_qk || q_in.sizes() == k_in.sizes(),
+              "dense_graph_attention_backward: shared_qk needs k of q's shape ", q_in.sizes(), ", got ", k_in.sizes());
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);
   TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Nq, Dv}) &&
@@ -575,10 +695,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   const at::Tensor lse = lse_in.detach().to(dtype).contiguous().view({B * H, Nq});
   const at::Tensor out = out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
   const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
-  at::Tensor gq = at::empty({B * H, Nq, D}, q.options()), gk = at::empty({B * H, Nk, D}, q.options());
+  at::Tensor gq = at::empty({B * H, Nq, D}, q.options());
+  // With shared_qk, gq holds dq + dk and gk is empty.
+  at::Tensor gk = shared_qk ? at::empty({0}, q.options()) : at::empty({B * H, Nk, D}, q.options());
   at::Tensor gv = at::empty({B * H, Nk, Dv}, q.options());
   at::Tensor gbias = bias_grad ? at::zeros({H, Nq, Nk}, q.options()) : at::empty({0}, q.options());
-  if (B * H * Nq * Nk > 0) {
+  if (shared_qk && B * H * Nq > 0) {
+    AT_DISPATCH_FLOATING_TYPES(dtype, "dense_graph_attention_backward_cpu", [&] {
+      dense_backward_shared_kernel<scalar_t>(dout, q, v, bias, out, lse, scores, scale, H, gq, gv, gbias);
+    });
+  } else if (shared_qk) {
+    gq.zero_(), gv.zero_();
+  } else if (B * H * Nq * Nk > 0) {
     // The kernel overwrites dq and dk by products with alpha = scale and beta = 0; some BLAS
     // back ends (oneDNN with ACL on aarch64) return early on alpha = 0 without writing.
     if (scale == 0.0) gq.zero_(), gk.zero_();
@@ -588,7 +716,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   } else {
     gq.zero_(), gk.zero_(), gv.zero_();
   }
-  return {gq.view({B, H, Nq, D}), gk.view({B, H, Nk, D}), gv.view({B, H, Nk, Dv}), gbias};
+  return {gq.view({B, H, Nq, D}), shared_qk ? gk : gk.view({B, H, Nk, D}), gv.view({B, H, Nk, Dv}), gbias};
 }
 
 }  // namespace

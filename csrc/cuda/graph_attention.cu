@@ -647,11 +647,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_backward_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in,
     const at::Tensor& v_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& out_in,
-    const at::Tensor& lse_in, const std::optional<at::Tensor>& scores, double scale, bool bias_grad) {
+    const at::Tensor& lse_in, const std::optional<at::Tensor>& scores, double scale, bool bias_grad,
+    bool shared_qk) {
   check_dense_attention_args(q_in, k_in, v_in, bias_in);
   check_cuda_dtype("dense_graph_attention_backward", q_in);
   TORCH_CHECK(!scores.has_value() || scores->numel() == 0,
               "dense_graph_attention_backward: kept scores are CPU-only; on CUDA pass none");
+  TORCH_CHECK(!shared_qk, "dense_graph_attention_backward: shared_qk is CPU-only; on CUDA pass False");
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);

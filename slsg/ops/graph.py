@@ -330,16 +330,20 @@ if _GRAPH_OPS_LOADED:
         return (*_attention_fake(q, v), scores)
 
     @torch.library.register_fake("slsg::dense_graph_attention_backward")
-    def _dense_backward_fake(grad_out, q, k, v, bias, out, lse, scores, scale, bias_grad):
+    def _dense_backward_fake(grad_out, q, k, v, bias, out, lse, scores, scale, bias_grad, shared_qk=False):
         H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
         grad_bias = q.new_empty((H, Nq, Nk) if bias_grad else (0,))
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_bias
+        grad_k = k.new_empty((0,) if shared_qk else k.shape)
+        return q.new_empty(q.shape), grad_k, v.new_empty(v.shape), grad_bias
 
     def _dense_setup(ctx, inputs, output):
         q, k, v, bias, scale, *_ = inputs
         out, lse, scores = output
         ctx.scale = scale
         ctx.has_bias = bias is not None
+        # One tensor as q and k (the graph layer's shared projection): the CPU backward then
+        # returns its whole gradient as dq with one matrix product fewer per tile.
+        ctx.shared_qk = q is k and q.device.type == "cpu"
         ctx.mark_non_differentiable(lse, scores)
         # Else autograd hands the backward a zero-filled gradient for every output, scores
         # included: an [B, H, Nq, Nk] fill per step (13 ms of 510 in the layer at N = 1024).
@@ -352,9 +356,9 @@ if _GRAPH_OPS_LOADED:
         q, k, v, bias, out, lse, scores = ctx.saved_tensors
         bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
         gq, gk, gv, gb = torch.ops.slsg.dense_graph_attention_backward(
-            grad_out, q, k, v, bias, out, lse, scores, ctx.scale, bias_grad
+            grad_out, q, k, v, bias, out, lse, scores, ctx.scale, bias_grad, ctx.shared_qk
         )
-        return gq, gk, gv, gb if bias_grad else None, None, None
+        return gq, None if ctx.shared_qk else gk, gv, gb if bias_grad else None, None, None
 
     torch.library.register_autograd(
         "slsg::dense_graph_attention", _dense_backward, setup_context=_dense_setup

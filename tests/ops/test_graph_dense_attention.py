@@ -224,6 +224,69 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, (leaves[1], leaves[2]))
 
 
+def spy_backward_flags(monkeypatch):
+    """Records the shared_qk argument of every call of the dense backward op."""
+    flags = []
+    real = torch.ops.slsg.dense_graph_attention_backward
+
+    def spy(*args):
+        flags.append(args[10] if len(args) > 10 else False)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.slsg, "dense_graph_attention_backward", spy)
+    return flags
+
+
+@needs_extension
+@pytest.mark.parametrize("N", [1, 7, 256, 300, 600])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kept_scores", ["all", "some", "none"])
+def test_shared_query_key_matches_reference(N, with_bias, dtype, kept_scores, monkeypatch):
+    # One tensor as q and k (the graph layer's case): the CPU backward returns its whole
+    # gradient from one product per tile pair side. N covers one tile, a ragged last tile
+    # (300 = 256 + 44) and three tiles (600); "some" keeps one of the two (batch, head) pairs.
+    limit_scores(monkeypatch, kept_scores, 2, N * N * dtype.itemsize)
+    flags = spy_backward_flags(monkeypatch)
+    g = generator(N, with_bias, 21)
+    q, _, v, bias = make_inputs(2, 1, N, N, 5, 3, g, with_bias=with_bias)
+    grad_out = torch.randn(2, 1, N, 3, generator=g, dtype=torch.float64)
+    shared = lambda q, v, b=None: ops.dense_graph_attention(q, q, v, b)  # noqa: E731
+    inputs = (q, v) + ((bias,) if with_bias else ())
+    want, want_grads = grads_of(lambda q, v, b=None: graph_reference.dense_graph_attention(q, q, v, b), inputs, grad_out)
+    out, got = grads_of(shared, [t.to(dtype) for t in inputs], grad_out.to(dtype))
+    assert flags == [True]
+    torch.testing.assert_close(out.double(), want, **tolerances(dtype))
+    for a, b in zip(got, want_grads):
+        torch.testing.assert_close(a.double(), b, **tolerances(dtype))
+
+
+@needs_extension
+@pytest.mark.parametrize("kept_scores", ["all", "none"])
+def test_shared_query_key_with_masked_entries_matches_separate_tensors(kept_scores, monkeypatch):
+    # A fully masked row (its output NaN, no gradient from it) and a masked column, across
+    # tiles: the shared backward gives what the general one gives with q and k separate.
+    limit_scores(monkeypatch, kept_scores, 2, 300 * 300 * 8)
+    g = generator(22)
+    q, _, v, bias = make_inputs(1, 2, 300, 300, 4, 3, g)
+    bias[0, 5] = float("-inf")
+    bias[1, :, 270] = float("-inf")
+    grad_out = torch.randn(1, 2, 300, 3, generator=g, dtype=torch.float64)
+    grad_out[0, 0, 5] = 0.0
+    out, (gq, gv, gb) = grads_of(lambda q, v, b: ops.dense_graph_attention(q, q, v, b), (q, v, bias), grad_out)
+    sep_out, (sq, sk, sv, sb) = grads_of(ops.dense_graph_attention, (q, q.clone(), v, bias), grad_out)
+    torch.testing.assert_close(out, sep_out, equal_nan=True)
+    for got, want in ((gq, sq + sk), (gv, sv), (gb, sb)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
+
+
+def test_shared_query_key_gradcheck_float64():
+    g = generator(23)
+    q, _, v, bias = (t.requires_grad_() for t in make_inputs(1, 2, 5, 5, 3, 4, g))
+    assert torch.autograd.gradcheck(lambda q, v, b: ops.dense_graph_attention(q, q, v, b), (q, v, bias))
+
+
 @needs_extension
 def test_bias_gradient_sums_over_the_batch():
     g = generator(6)
@@ -257,6 +320,16 @@ def test_opcheck():
     for bias_grad in (True, False):
         for kept in (None, scores, some):
             torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, bias, out, lse, kept, 0.5, bias_grad))
+    # shared_qk: one tensor as q and k; grad_q is the whole gradient, grad_k empty
+    q_sq, v_sq, bias_sq = q[:, :, :7], v, bias[:, :7]
+    out, lse, scores = op(q_sq, q_sq, v_sq, bias_sq, 0.5, 4)
+    for kept in (None, scores):
+        args = (torch.randn_like(out), q_sq, q_sq, v_sq, bias_sq, out, lse, kept, 0.5, True, True)
+        torch.library.opcheck(backward, args)
+        gq, gk, _, _ = backward(*args)
+        assert gq.shape == q_sq.shape and gk.numel() == 0
+    with pytest.raises(RuntimeError, match=r"shared_qk needs k of q's shape"):
+        backward(torch.randn_like(out), q_sq, q[:, :, :6], v_sq[:, :, :6], bias_sq[..., :6], out, lse, None, 0.5, False, True)
 
 
 @needs_extension
@@ -296,17 +369,22 @@ def test_torch_compile_fullgraph_forward_and_backward():
     def loss(q, k, v, bias):
         return ops.dense_graph_attention(q, k, v, bias).square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    def shared_loss(q, v, bias):  # one tensor as q and k: the shared backward
+        return ops.dense_graph_attention(q, q, v, bias).square().sum()
+
     g = generator(8)
-    inputs = make_inputs(2, 2, 12, 10, 4, 3, g, dtype=torch.float32)
-    results = []
-    for fn in (compiled, loss):
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        value = fn(*leaves)
-        value.backward()
-        results.append([value.detach()] + [t.grad for t in leaves])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
+    q, k, v, bias = make_inputs(2, 2, 12, 10, 4, 3, g, dtype=torch.float32)
+    shared_q, _, shared_v, shared_bias = make_inputs(2, 2, 12, 12, 4, 3, g, dtype=torch.float32)
+    for fn, inputs in ((loss, (q, k, v, bias)), (shared_loss, (shared_q, shared_v, shared_bias))):
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        results = []
+        for f in (compiled, fn):
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            value = f(*leaves)
+            value.backward()
+            results.append([value.detach()] + [t.grad for t in leaves])
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
 
 
 @needs_extension
