@@ -239,17 +239,19 @@ def spy_backward_flags(monkeypatch):
 
 @needs_extension
 @pytest.mark.parametrize("N", [1, 7, 256, 300, 600])
+@pytest.mark.parametrize("D", [5, 40])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kept_scores", ["all", "some", "none"])
-def test_shared_query_key_matches_reference(N, with_bias, dtype, kept_scores, monkeypatch):
+def test_shared_query_key_matches_reference(N, D, with_bias, dtype, kept_scores, monkeypatch):
     # One tensor as q and k (the graph layer's case): the CPU backward returns its whole
-    # gradient from one product per tile pair side. N covers one tile, a ragged last tile
-    # (300 = 256 + 44) and three tiles (600); "some" keeps one of the two (batch, head) pairs.
+    # gradient, from one product per tile pair side at D >= 32 (else the general backward
+    # adds dk to dq). N covers one tile, a ragged last tile (300 = 256 + 44) and three tiles
+    # (600); "some" keeps one of the two (batch, head) pairs.
     limit_scores(monkeypatch, kept_scores, 2, N * N * dtype.itemsize)
     flags = spy_backward_flags(monkeypatch)
-    g = generator(N, with_bias, 21)
-    q, _, v, bias = make_inputs(2, 1, N, N, 5, 3, g, with_bias=with_bias)
+    g = generator(N, D, with_bias, 21)
+    q, _, v, bias = make_inputs(2, 1, N, N, D, 3, g, with_bias=with_bias)
     grad_out = torch.randn(2, 1, N, 3, generator=g, dtype=torch.float64)
     shared = lambda q, v, b=None: ops.dense_graph_attention(q, q, v, b)  # noqa: E731
     inputs = (q, v) + ((bias,) if with_bias else ())
@@ -268,7 +270,7 @@ def test_shared_query_key_with_masked_entries_matches_separate_tensors(kept_scor
     # tiles: the shared backward gives what the general one gives with q and k separate.
     limit_scores(monkeypatch, kept_scores, 2, 300 * 300 * 8)
     g = generator(22)
-    q, _, v, bias = make_inputs(1, 2, 300, 300, 4, 3, g)
+    q, _, v, bias = make_inputs(1, 2, 300, 300, 36, 3, g)
     bias[0, 5] = float("-inf")
     bias[1, :, 270] = float("-inf")
     grad_out = torch.randn(1, 2, 300, 3, generator=g, dtype=torch.float64)
@@ -281,9 +283,10 @@ def test_shared_query_key_with_masked_entries_matches_separate_tensors(kept_scor
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
 
 
-def test_shared_query_key_gradcheck_float64():
-    g = generator(23)
-    q, _, v, bias = (t.requires_grad_() for t in make_inputs(1, 2, 5, 5, 3, 4, g))
+@pytest.mark.parametrize("D", [3, 32])
+def test_shared_query_key_gradcheck_float64(D):
+    g = generator(23, D)
+    q, _, v, bias = (t.requires_grad_() for t in make_inputs(1, 2, 5, 5, D, 4, g))
     assert torch.autograd.gradcheck(lambda q, v, b: ops.dense_graph_attention(q, q, v, b), (q, v, bias))
 
 
@@ -320,14 +323,22 @@ def test_opcheck():
     for bias_grad in (True, False):
         for kept in (None, scores, some):
             torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, bias, out, lse, kept, 0.5, bias_grad))
-    # shared_qk: one tensor as q and k; grad_q is the whole gradient, grad_k empty
+    # shared_qk: one tensor as q and k; grad_q is the whole gradient, grad_k empty (D = 32:
+    # the shared kernel; D = 4: the general one, dk added to dq)
     q_sq, v_sq, bias_sq = q[:, :, :7], v, bias[:, :7]
     out, lse, scores = op(q_sq, q_sq, v_sq, bias_sq, 0.5, 4)
+    deep = torch.randn(2, 2, 7, 32, generator=g)
+    out_deep, lse_deep, scores_deep = op(deep, deep, v_sq, bias_sq, 0.5, 4)
     for kept in (None, scores):
         args = (torch.randn_like(out), q_sq, q_sq, v_sq, bias_sq, out, lse, kept, 0.5, True, True)
         torch.library.opcheck(backward, args)
         gq, gk, _, _ = backward(*args)
         assert gq.shape == q_sq.shape and gk.numel() == 0
+    for kept in (None, scores_deep):
+        args = (torch.randn_like(out_deep), deep, deep, v_sq, bias_sq, out_deep, lse_deep, kept, 0.5, True, True)
+        torch.library.opcheck(backward, args)
+        gq, gk, _, _ = backward(*args)
+        assert gq.shape == deep.shape and gk.numel() == 0
     with pytest.raises(RuntimeError, match=r"shared_qk needs k of q's shape"):
         backward(torch.randn_like(out), q_sq, q[:, :, :6], v_sq[:, :, :6], bias_sq[..., :6], out, lse, None, 0.5, False, True)
 
