@@ -33,6 +33,14 @@ def main() -> None:
             variant = r["name"].split("[", 1)[-1].rstrip("]")
             mem = r.get("extra_info", {}).get("peak_extra_mib", "")
             print(f"| {variant} | {r['stats']['min']:.3f} | {r['stats']['min'] / base_t:.2f} | {mem} |")
+        for r in rows:
+            paired = r.get("extra_info", {}).get("paired")
+            if paired:
+                print(f"\nPaired ({paired['rounds']} alternating rounds; a row above is one extension call plus one "
+                      f"reference call): reference / extension per round, median {paired['ratio_median']:.2f}, "
+                      f"range {paired['ratio_min']:.2f}-{paired['ratio_max']:.2f}; ratio of the minima "
+                      f"{paired['ratio_of_minima']:.2f} (extension {min(paired['extension_s']):.3f} s, reference "
+                      f"{min(paired['reference_s']):.3f} s).")
 
 
 if __name__ == "__main__":

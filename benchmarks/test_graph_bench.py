@@ -15,12 +15,17 @@ Variants:
   gather per edge, torch_geometric.utils.softmax over each node's edges, scatter-sum. The
   inputs are given in PyG's [nodes, heads, D] layout outside the timed region.
 - layer rows: slsg.nn.SelfAttentiveGraphConv with backend="extension" or "reference".
+- paired layer rows: the same two, alternating round by round, so that both see the same
+  moments of this machine, whose speed drifts by 10-40% within minutes; reported as the
+  median and range of the per-round ratios (render.py prints them under the table).
 
 Peak memory: benchmarks/memory.py (peak RSS above the RSS before the call, via
 /proc/self/clear_refs and VmHWM, in an untimed call with an allocator that returns freed
 memory to the OS at once; the timed calls run with glibc's steady-state thresholds).
 """
 import math
+import statistics
+import time
 import zlib
 
 import pytest
@@ -227,3 +232,38 @@ def test_self_attentive_graph_conv(benchmark, data, N, H, mode, variant):
         fn = fwd_bwd(layer, (x,), layer.parameters())
     benchmark.group = f"SelfAttentiveGraphConv {mode} B={B} C={C} heads={H} N={N}"
     bench_once(benchmark, fn, rounds=rounds_for(40 * B * N * C * C))
+
+
+PAIRED_ROUNDS = 8
+
+
+@pytest.mark.parametrize("H", HEADS)
+def test_self_attentive_graph_conv_paired(benchmark, data, H):
+    N = 1024
+    x = data("nodes", N).transpose(1, 2).reshape(B, C, *grid(N)).contiguous()
+    runs = {}
+    for variant in ("extension", "reference"):
+        torch.manual_seed(0)
+        layer = SelfAttentiveGraphConv(C, heads=H, backend=variant).train()
+        runs[variant] = fwd_bwd(layer, (x,), layer.parameters())
+        runs[variant]()  # warm-up
+    times = {variant: [] for variant in runs}
+
+    def pair():
+        for variant, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[variant].append(time.perf_counter() - start)
+
+    benchmark.group = f"SelfAttentiveGraphConv fwd+bwd B={B} C={C} heads={H} N={N}, paired rounds"
+    benchmark.pedantic(pair, rounds=PAIRED_ROUNDS, iterations=1)
+    ratios = sorted(r / e for r, e in zip(times["reference"], times["extension"]))
+    benchmark.extra_info["paired"] = {
+        "rounds": PAIRED_ROUNDS,
+        "extension_s": times["extension"],
+        "reference_s": times["reference"],
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "ratio_of_minima": min(times["reference"]) / min(times["extension"]),
+    }
