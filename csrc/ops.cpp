@@ -33,9 +33,9 @@ TORCH_LIBRARY(slsg, m) {
   // spares the backward one matrix product for those pairs. Empty when kept_slices is 0.
   m.def("dense_graph_attention(Tensor q, Tensor k, Tensor v, Tensor? bias, float scale, "
         "int kept_slices=0) -> (Tensor, Tensor, Tensor)");
-  // With shared_qk (the caller passed one tensor as q and k; CPU only), grad_q is the whole
-  // gradient of that tensor, dq + dk, computed with one product fewer per tile, and grad_k
-  // is empty.
+  // With shared_qk (the caller passed one tensor as q and k; CPU only), k is not read (it
+  // stands for q), grad_q is the whole gradient of that tensor, dq + dk, computed with one
+  // product fewer per tile, and grad_k is empty.
   m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor? bias, Tensor out, Tensor lse, Tensor? scores, float scale, bool bias_grad, "
         "bool shared_qk=False) -> (Tensor, Tensor, Tensor, Tensor)");

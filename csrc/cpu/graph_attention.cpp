@@ -573,7 +573,7 @@ constexpr int64_t kSharedMinDepth = 32;
 // q is then scale * (dS + dS^T) Q, one product where the general backward does two (dq and
 // dk), so tiles go in pairs (I, J), (J, I): both dS tiles are formed, summed transposed, and
 // multiplied once per side. Without kept scores the pair also shares one Q_I Q_J^T product
-// (S_JI is S_IJ^T before the bias). Per tile pair: 6 products (8 without kept scores)
+// (S_JI is S_IJ^T before the bias). Per tile pair: 6 products (7 without kept scores)
 // against the general backward's 8 (10). Parallel over (batch, head) like the general one.
 template <typename scalar_t>
 void dense_backward_shared_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& v,
@@ -673,6 +673,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   check_cpu_float("dense_graph_attention_backward", q_in);
   TORCH_CHECK(!shared_qk || q_in.sizes() == k_in.sizes(),
               "dense_graph_attention_backward: shared_qk needs k of q's shape ", q_in.sizes(), ", got ", k_in.sizes());
+  // shared_qk: k stands for q and is not read, on every path (its gradient is folded into q's).
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);
   TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Nq, Dv}) &&
@@ -693,7 +694,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
     check_same_device("dense_graph_attention_backward", "scores", *scores_in, q_in);
   }
   const auto dtype = q_in.scalar_type();
-  const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
+  const auto [q, k, v] = flat_qkv(q_in, shared_qk ? q_in : k_in, v_in);
   const at::Tensor scores = kept ? scores_in->detach().contiguous() : at::Tensor();
   const at::Tensor dout = grad_out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
   const at::Tensor lse = lse_in.detach().to(dtype).contiguous().view({B * H, Nq});
@@ -716,7 +717,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
       dense_backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, scores, scale, H, gq, gk, gv, gbias);
     });
     if (shared_qk) gq.add_(gk);
-  } else if (!shared_kernel) {
+  } else {
     gq.zero_(), gk.zero_(), gv.zero_();
   }
   // With shared_qk, gq holds dq + dk and gk is empty.

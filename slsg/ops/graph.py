@@ -205,7 +205,10 @@ def dense_graph_attention(
     work in tiles; the only ``Nq x Nk`` buffers are the CPU's copies of the scores kept for
     the backward, for as many (batch, head) pairs as fit in ``KEPT_SCORES_MAX_BYTES``
     (32 MiB). Returns
-    ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias. On CUDA, ``backend="auto"`` runs
+    ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias. Passing one tensor as q and k
+    (shared projections, as in the graph layer) makes the CPU backward cheaper: it forms
+    that tensor's whole gradient with one matrix product fewer per tile (head sizes >= 32).
+    On CUDA, ``backend="auto"`` runs
     ``torch.nn.functional.scaled_dot_product_attention`` where its fused kernels apply (half
     or float32, head sizes multiples of 8 up to 256, no bias gradient): faster there than our
     kernel. A row whose bias is all -inf may then give 0 (SDPA's convention in recent torch)
@@ -259,6 +262,11 @@ def _kept_dense_slices(q, k, v, bias) -> int:
 # An extension built before the graph ops existed has no schemas for them: stay on the
 # reference then.
 _GRAPH_OPS_LOADED = EXTENSION_LOADED and hasattr(torch.ops.slsg, "dense_graph_attention_backward")
+
+# The shared q/k backward is newer than the op: an older build lacks its argument.
+_SHARED_QK_BACKWARD = _GRAPH_OPS_LOADED and any(
+    a.name == "shared_qk" for a in torch.ops.slsg.dense_graph_attention_backward.default._schema.arguments
+)
 
 if _GRAPH_OPS_LOADED:
 
@@ -331,6 +339,10 @@ if _GRAPH_OPS_LOADED:
 
     @torch.library.register_fake("slsg::dense_graph_attention_backward")
     def _dense_backward_fake(grad_out, q, k, v, bias, out, lse, scores, scale, bias_grad, shared_qk=False):
+        if shared_qk and q.shape != k.shape:  # as the kernel, so traced graphs fail alike
+            raise RuntimeError(
+                f"dense_graph_attention_backward: shared_qk needs k of q's shape {list(q.shape)}, got {list(k.shape)}"
+            )
         H, Nq, Nk = q.shape[1], q.shape[2], k.shape[2]
         grad_bias = q.new_empty((H, Nq, Nk) if bias_grad else (0,))
         grad_k = k.new_empty((0,) if shared_qk else k.shape)
@@ -343,7 +355,7 @@ if _GRAPH_OPS_LOADED:
         ctx.has_bias = bias is not None
         # One tensor as q and k (the graph layer's shared projection): the CPU backward then
         # returns its whole gradient as dq with one matrix product fewer per tile.
-        ctx.shared_qk = q is k and q.device.type == "cpu"
+        ctx.shared_qk = q is k and q.device.type == "cpu" and _SHARED_QK_BACKWARD
         ctx.mark_non_differentiable(lse, scores)
         # Else autograd hands the backward a zero-filled gradient for every output, scores
         # included: an [B, H, Nq, Nk] fill per step (13 ms of 510 in the layer at N = 1024).

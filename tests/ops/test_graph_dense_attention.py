@@ -283,11 +283,18 @@ def test_shared_query_key_with_masked_entries_matches_separate_tensors(kept_scor
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize("D", [3, 32])
-def test_shared_query_key_gradcheck_float64(D):
-    g = generator(23, D)
-    q, _, v, bias = (t.requires_grad_() for t in make_inputs(1, 2, 5, 5, D, 4, g))
-    assert torch.autograd.gradcheck(lambda q, v, b: ops.dense_graph_attention(q, q, v, b), (q, v, bias))
+@needs_extension
+@pytest.mark.parametrize("N,D", [(5, 3), (5, 32), (300, 32)])
+@pytest.mark.parametrize("kept_scores", ["all", "none"])
+def test_shared_query_key_gradcheck_float64(N, D, kept_scores, monkeypatch):
+    # N = 300: tile pairs off the diagonal and a ragged tile (fast mode: a random projection)
+    limit_scores(monkeypatch, kept_scores, 2, N * N * 8)
+    flags = spy_backward_flags(monkeypatch)
+    g = generator(23, N, D)
+    q, _, v, bias = (t.requires_grad_() for t in make_inputs(1, 2, N, N, D, 4, g))
+    fn = lambda q, v, b: ops.dense_graph_attention(q, q, v, b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, v, bias), fast_mode=N > 8)
+    assert flags and all(flags)
 
 
 @needs_extension
@@ -339,6 +346,13 @@ def test_opcheck():
         torch.library.opcheck(backward, args)
         gq, gk, _, _ = backward(*args)
         assert gq.shape == deep.shape and gk.numel() == 0
+    # k is not read with shared_qk: it stands for q, whatever it holds, at both head sizes
+    for query, o, lse_q in ((q_sq, out, lse), (deep, out_deep, lse_deep)):
+        grad = torch.randn_like(o)
+        want = backward(grad, query, query, v_sq, bias_sq, o, lse_q, None, 0.5, True, True)
+        got = backward(grad, query, torch.zeros_like(query), v_sq, bias_sq, o, lse_q, None, 0.5, True, True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
     with pytest.raises(RuntimeError, match=r"shared_qk needs k of q's shape"):
         backward(torch.randn_like(out), q_sq, q[:, :, :6], v_sq[:, :, :6], bias_sq[..., :6], out, lse, None, 0.5, False, True)
 
@@ -385,7 +399,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
 
     g = generator(8)
     q, k, v, bias = make_inputs(2, 2, 12, 10, 4, 3, g, dtype=torch.float32)
-    shared_q, _, shared_v, shared_bias = make_inputs(2, 2, 12, 12, 4, 3, g, dtype=torch.float32)
+    shared_q, _, shared_v, shared_bias = make_inputs(2, 2, 12, 12, 32, 3, g, dtype=torch.float32)
     for fn, inputs in ((loss, (q, k, v, bias)), (shared_loss, (shared_q, shared_v, shared_bias))):
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
         results = []
@@ -411,6 +425,31 @@ def test_memory_is_bounded_at_4096_nodes():
     )
     assert grew < 48, f"dense_graph_attention peak memory grew by {grew:.0f} MiB"
 
+
+
+@needs_extension
+def test_torch_compile_keeps_the_shared_query_key_backward():
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    flags = []
+
+    def backward_compiler(gm, _):
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.slsg.dense_graph_attention_backward.default:
+                flags.append(node.args[10] if len(node.args) > 10 else node.kwargs.get("shared_qk", False))
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=backward_compiler)
+    q, _, v, bias = make_inputs(1, 2, 300, 300, 32, 3, generator(24))
+    compiled = torch.compile(lambda q, v, b: ops.dense_graph_attention(q, q, v, b).square().sum(), backend=backend)
+    leaves = [t.clone().requires_grad_() for t in (q, v, bias)]
+    compiled(*leaves).backward()
+    assert flags == [True]
+    ref_leaves = [t.clone().requires_grad_() for t in (q, v, bias)]
+    graph_reference.dense_graph_attention(ref_leaves[0], ref_leaves[0], *ref_leaves[1:]).square().sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, **tolerances(torch.float64))
 
 
 @needs_extension
