@@ -36,11 +36,13 @@ def main() -> None:
         for r in rows:
             paired = r.get("extra_info", {}).get("paired")
             if paired:
+                peer = paired.get("peer", "reference")
+                peer_s = paired.get("peer_s", paired.get("reference_s"))
                 print(f"\nPaired ({paired['rounds']} alternating rounds; a row above is one extension call plus one "
-                      f"reference call): reference / extension per round, median {paired['ratio_median']:.2f}, "
+                      f"{peer} call): {peer} / extension per round, median {paired['ratio_median']:.2f}, "
                       f"range {paired['ratio_min']:.2f}-{paired['ratio_max']:.2f}; ratio of the minima "
-                      f"{paired['ratio_of_minima']:.2f} (extension {min(paired['extension_s']):.3f} s, reference "
-                      f"{min(paired['reference_s']):.3f} s).")
+                      f"{paired['ratio_of_minima']:.2f} (extension {min(paired['extension_s']):.3f} s, {peer} "
+                      f"{min(peer_s):.3f} s).")
 
 
 if __name__ == "__main__":

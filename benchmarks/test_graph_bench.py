@@ -15,9 +15,10 @@ Variants:
   gather per edge, torch_geometric.utils.softmax over each node's edges, scatter-sum. The
   inputs are given in PyG's [nodes, heads, D] layout outside the timed region.
 - layer rows: slsg.nn.SelfAttentiveGraphConv with backend="extension" or "reference".
-- paired layer rows: the same two, alternating round by round, so that both see the same
-  moments of this machine, whose speed drifts by 10-40% within minutes; reported as the
-  median and range of the per-round ratios (render.py prints them under the table).
+- paired rows (the layer at N = 1024; dense attention with 1 head against SDPA): the two
+  variants alternate round by round, so that both see the same moments of this machine,
+  whose speed drifts by 10-40% within minutes; reported as the median and range of the
+  per-round ratios (render.py prints them under the table).
 
 Peak memory: benchmarks/memory.py (peak RSS above the RSS before the call, via
 /proc/self/clear_refs and VmHWM, in an untimed call with an allocator that returns freed
@@ -237,6 +238,35 @@ def test_self_attentive_graph_conv(benchmark, data, N, H, mode, variant):
 PAIRED_ROUNDS = 8
 
 
+def paired_rounds(benchmark, runs: dict, group: str) -> None:
+    """Times runs["extension"] and its peer (the other entry) alternately, PAIRED_ROUNDS
+    rounds after one warm-up each, and records the per-round ratios peer / extension."""
+    (peer,) = [name for name in runs if name != "extension"]
+    for fn in runs.values():
+        fn()
+    times = {name: [] for name in runs}
+
+    def pair():
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+
+    benchmark.group = group
+    benchmark.pedantic(pair, rounds=PAIRED_ROUNDS, iterations=1)
+    ratios = sorted(p / e for p, e in zip(times[peer], times["extension"]))
+    benchmark.extra_info["paired"] = {
+        "rounds": PAIRED_ROUNDS,
+        "peer": peer,
+        "extension_s": times["extension"],
+        "peer_s": times[peer],
+        "ratio_median": statistics.median(ratios),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
+        "ratio_of_minima": min(times[peer]) / min(times["extension"]),
+    }
+
+
 @pytest.mark.parametrize("H", HEADS)
 def test_self_attentive_graph_conv_paired(benchmark, data, H):
     N = 1024
@@ -246,24 +276,16 @@ def test_self_attentive_graph_conv_paired(benchmark, data, H):
         torch.manual_seed(0)
         layer = SelfAttentiveGraphConv(C, heads=H, backend=variant).train()
         runs[variant] = fwd_bwd(layer, (x,), layer.parameters())
-        runs[variant]()  # warm-up
-    times = {variant: [] for variant in runs}
+    paired_rounds(benchmark, runs, f"SelfAttentiveGraphConv fwd+bwd B={B} C={C} heads={H} N={N}, paired rounds")
 
-    def pair():
-        for variant, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            times[variant].append(time.perf_counter() - start)
 
-    benchmark.group = f"SelfAttentiveGraphConv fwd+bwd B={B} C={C} heads={H} N={N}, paired rounds"
-    benchmark.pedantic(pair, rounds=PAIRED_ROUNDS, iterations=1)
-    ratios = sorted(r / e for r, e in zip(times["reference"], times["extension"]))
-    benchmark.extra_info["paired"] = {
-        "rounds": PAIRED_ROUNDS,
-        "extension_s": times["extension"],
-        "reference_s": times["reference"],
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": ratios[0],
-        "ratio_max": ratios[-1],
-        "ratio_of_minima": min(times["reference"]) / min(times["extension"]),
+@pytest.mark.parametrize("N", [256, 1024])
+def test_dense_graph_attention_paired(benchmark, data, N):
+    H = 1  # the case whose ratio to SDPA sits near 1
+    q, k, v = data("qkv", N, H)
+    bias = data("dense_bias", N, H)
+    runs = {
+        "extension": fwd_bwd(lambda a, b, c: ops.dense_graph_attention(a, b, c, bias), (q, k, v)),
+        "sdpa": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias), (q, k, v)),
     }
+    paired_rounds(benchmark, runs, f"dense_graph_attention fwd+bwd B={B} H={H} N={N} D={C // H} (+bias), paired rounds")
