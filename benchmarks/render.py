@@ -36,8 +36,7 @@ def main() -> None:
         for r in rows:
             paired = r.get("extra_info", {}).get("paired")
             if paired:
-                peer = paired.get("peer", "reference")
-                peer_s = paired.get("peer_s", paired.get("reference_s"))
+                peer, peer_s = paired["peer"], paired["peer_s"]
                 print(f"\nPaired ({paired['rounds']} alternating rounds; a row above is one extension call plus one "
                       f"{peer} call): {peer} / extension per round, median {paired['ratio_median']:.2f}, "
                       f"range {paired['ratio_min']:.2f}-{paired['ratio_max']:.2f}; ratio of the minima "
