@@ -145,4 +145,34 @@ inline void check_dense_attention_args(const at::Tensor& q, const at::Tensor& k,
   }
 }
 
+// The backward's extra inputs: grad_out [B, H, N, Dv] and lse [B, H, N] on q's device (their
+// dtype may differ; the kernels convert them).
+inline void check_sparse_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& lse,
+                                                 const at::Tensor& q, const at::Tensor& v) {
+  const char* op = "sparse_graph_attention_backward";
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, N, Dv}), op, ": grad_out must be [B, H, N, Dv] = [", B,
+              ", ", H, ", ", N, ", ", Dv, "], got ", grad_out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, N}), op, ": lse must be [B, H, N] = [", B, ", ", H, ", ", N,
+              "], got ", lse.sizes());
+  check_same_device(op, "grad_out", grad_out, q);
+  check_same_device(op, "lse", lse, q);
+}
+
+// grad_out and out [B, H, Nq, Dv], lse [B, H, Nq] on q's device.
+inline void check_dense_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& out,
+                                                const at::Tensor& lse, const at::Tensor& q,
+                                                const at::Tensor& v) {
+  const char* op = "dense_graph_attention_backward";
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dv = v.size(3);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({B, H, Nq, Dv}) && out.sizes() == grad_out.sizes(), op,
+              ": grad_out and out must be [B, H, Nq, Dv] = [", B, ", ", H, ", ", Nq, ", ", Dv, "], got ",
+              grad_out.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({B, H, Nq}), op, ": lse must be [B, H, Nq] = [", B, ", ", H, ", ",
+              Nq, "], got ", lse.sizes());
+  check_same_device(op, "grad_out", grad_out, q);
+  check_same_device(op, "out", out, q);
+  check_same_device(op, "lse", lse, q);
+}
+
 }  // namespace slsg

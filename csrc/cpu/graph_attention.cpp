@@ -191,16 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_graph_attentio
   check_sparse_attention_args(q_in, k_in, v_in, index_in, bias_in);
   check_cpu_float("sparse_graph_attention_backward", q_in);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == q.size(0) &&
-                  grad_out_in.size(1) == q.size(1) && grad_out_in.size(2) == q.size(2) &&
-                  grad_out_in.size(3) == v.size(3),
-              "sparse_graph_attention_backward: grad_out must be [B, H, N, Dv], got ",
-              grad_out_in.sizes());
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q.size(0) && lse_in.size(1) == q.size(1) &&
-                  lse_in.size(2) == q.size(2),
-              "sparse_graph_attention_backward: lse must be [B, H, N], got ", lse_in.sizes());
-  check_same_device("sparse_graph_attention_backward", "grad_out", grad_out_in, q_in);
-  check_same_device("sparse_graph_attention_backward", "lse", lse_in, q_in);
+  check_sparse_attention_backward_args(grad_out_in, lse_in, q_in, v_in);
   const at::Tensor grad_out = grad_out_in.to(q.scalar_type()).contiguous();
   const at::Tensor lse = lse_in.to(q.scalar_type()).contiguous();
   const at::Tensor index = index_in.contiguous();
@@ -676,15 +667,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   // shared_qk: k stands for q and is not read, on every path (its gradient is folded into q's).
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Nq, Dv}) &&
-                  out_in.sizes() == grad_out_in.sizes(),
-              "dense_graph_attention_backward: grad_out and out must be [B, H, Nq, Dv], got ",
-              grad_out_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}),
-              "dense_graph_attention_backward: lse must be [B, H, Nq], got ", lse_in.sizes());
-  check_same_device("dense_graph_attention_backward", "grad_out", grad_out_in, q_in);
-  check_same_device("dense_graph_attention_backward", "out", out_in, q_in);
-  check_same_device("dense_graph_attention_backward", "lse", lse_in, q_in);
+  check_dense_attention_backward_args(grad_out_in, out_in, lse_in, q_in, v_in);
   const bool kept = scores_in.has_value() && scores_in->numel() > 0;
   if (kept) {
     TORCH_CHECK(scores_in->dim() == 3 && scores_in->size(0) <= B * H && scores_in->size(1) == Nq &&

@@ -347,12 +347,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_graph_attentio
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
   const int64_t Dv = v_in.size(3), K = index_in.size(2), rows = B * H * N;
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, N, Dv}),
-              "sparse_graph_attention_backward: grad_out must be [B, H, N, Dv], got ", grad_out_in.sizes());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, N}),
-              "sparse_graph_attention_backward: lse must be [B, H, N], got ", lse_in.sizes());
-  check_same_device("sparse_graph_attention_backward", "grad_out", grad_out_in, q_in);
-  check_same_device("sparse_graph_attention_backward", "lse", lse_in, q_in);
+  check_sparse_attention_backward_args(grad_out_in, lse_in, q_in, v_in);
   const auto dtype = q_in.scalar_type();
   const auto acc = accumulation_type(dtype);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -657,15 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef({B, H, Nq, Dv}) &&
-                  out_in.sizes() == grad_out_in.sizes(),
-              "dense_graph_attention_backward: grad_out and out must be [B, H, Nq, Dv], got ",
-              grad_out_in.sizes(), " and ", out_in.sizes());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, H, Nq}),
-              "dense_graph_attention_backward: lse must be [B, H, Nq], got ", lse_in.sizes());
-  check_same_device("dense_graph_attention_backward", "grad_out", grad_out_in, q_in);
-  check_same_device("dense_graph_attention_backward", "out", out_in, q_in);
-  check_same_device("dense_graph_attention_backward", "lse", lse_in, q_in);
+  check_dense_attention_backward_args(grad_out_in, out_in, lse_in, q_in, v_in);
   const auto dtype = q_in.scalar_type();
   const auto acc = accumulation_type(dtype);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();

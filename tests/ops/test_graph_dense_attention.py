@@ -500,3 +500,21 @@ def test_inference_mode_with_several_threads():
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(out, expected)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_backward_op_rejects_gradient_and_statistics_of_the_wrong_shape(device):
+    q, k, v, bias = (t.to(device) for t in make_inputs(1, 2, 5, 6, 4, 3, generator(12), dtype=torch.float32))
+    out, lse, _ = torch.ops.slsg.dense_graph_attention(q, k, v, bias, 0.5)
+    backward = torch.ops.slsg.dense_graph_attention_backward
+    shape = r"must be \[B, H, Nq, Dv\] = \[1, 2, 5, 3\]"
+    with pytest.raises(RuntimeError, match=rf"grad_out and out {shape}, got \[1, 2, 5, 2\] and \[1, 2, 5, 3\]"):
+        backward(out[..., :2], q, k, v, bias, out, lse, None, 0.5, False)
+    with pytest.raises(RuntimeError, match=rf"grad_out and out {shape}, got \[1, 2, 5, 3\] and \[1, 2, 4, 3\]"):
+        backward(out, q, k, v, bias, out[:, :, :4], lse, None, 0.5, False)
+    with pytest.raises(RuntimeError, match=r"lse must be \[B, H, Nq\] = \[1, 2, 5\], got \[1, 2\]"):
+        backward(out, q, k, v, bias, out, lse[..., 0], None, 0.5, False)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match=r"out on cpu, expected cuda"):
+            backward(out, q, k, v, bias, out.cpu(), lse, None, 0.5, False)

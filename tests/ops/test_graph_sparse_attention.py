@@ -261,3 +261,18 @@ def test_saves_logsumexp_not_probabilities():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         ops.sparse_graph_attention(q, k, v, index)
     assert set(saved) == {q.shape, v.shape, index.shape, torch.Size([1, 1, 10])}
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_backward_op_rejects_gradient_and_statistics_of_the_wrong_shape(device):
+    q, k, v, index, bias = (t.to(device) for t in make_inputs(2, 3, 5, 4, 6, 2, generator(11), dtype=torch.float32))
+    out, lse = torch.ops.slsg.sparse_graph_attention(q, k, v, index, bias, 0.5)
+    backward = torch.ops.slsg.sparse_graph_attention_backward
+    with pytest.raises(RuntimeError, match=r"grad_out must be \[B, H, N, Dv\] = \[2, 3, 5, 6\], got \[2, 3, 5, 4\]"):
+        backward(out[..., :4], q, k, v, index, bias, lse, 0.5, True)
+    with pytest.raises(RuntimeError, match=r"lse must be \[B, H, N\] = \[2, 3, 5\], got \[2, 3, 4\]"):
+        backward(out, q, k, v, index, bias, lse[..., :4], 0.5, True)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match=r"lse on cpu, expected cuda"):
+            backward(out, q, k, v, index, bias, lse.cpu(), 0.5, True)
