@@ -7,7 +7,8 @@
 //   computation the op promises, so one pass selects the result.
 // - float32 inputs are screened first: tensor cores in TF32 give each value to within a
 //   rigorous bound e = delta (||x|| + sqrt(||c||^2 + r^2))^2 (TF32 keeps 10 of 23 mantissa
-//   bits, so each product is within 2^-9 relative, plus float32 accumulation). The k-th
+//   bits, so each product is within 2^-9 relative, plus float32 accumulation), plus a tiny
+//   absolute term for subnormal values that the hardware may flush to zero. The k-th
 //   smallest upper bound T is a threshold no result can exceed; every centre whose lower
 //   bound is <= T becomes a candidate, and candidates are recomputed exactly in float32. A
 //   query with more than kCandidates candidates (near-duplicates closer than the bound) is
@@ -84,8 +85,21 @@ struct CenterTerms {
   int64_t count;
 };
 
-// The value a tile entry stands for. When screening, +/- delta (||x|| + length_j)^2 turns it
-// into an upper / lower bound of the exact float32 value.
+// How far a TF32 tile value can be from the exact float32 one, for reach = ||x|| + length_j:
+// relative * reach^2 (rounding of normal numbers) + absolute * (reach + 2), which covers what
+// a relative bound cannot: subnormal operands or products flushed to zero (each term then
+// moves by less than FLT_MIN times its other factor).
+template <typename acc_t>
+struct ScreenBound {
+  acc_t relative;
+  acc_t absolute;
+  __device__ __forceinline__ acc_t margin(acc_t reach) const {
+    return reach * (relative * reach + absolute) + acc_t(2) * absolute;
+  }
+};
+
+// The value a tile entry stands for. When screening, +/- bound.margin(||x|| + length_j) turns
+// it into an upper / lower bound of the exact float32 value.
 template <typename acc_t>
 __device__ __forceinline__ acc_t tile_value(acc_t dot, acc_t x_norm, acc_t offset) {
   return x_norm + (offset - acc_t(2) * dot);
@@ -96,7 +110,7 @@ __device__ __forceinline__ acc_t tile_value(acc_t dot, acc_t x_norm, acc_t offse
 template <typename acc_t, int KMAX, bool SCREEN>
 __global__ void __launch_bounds__(kThreads) select_tile_kernel(
     const acc_t* __restrict__ tile, int64_t rows, int64_t ld, const acc_t* __restrict__ x_norm,
-    const acc_t* __restrict__ x_length, acc_t delta, CenterTerms<acc_t> c,
+    const acc_t* __restrict__ x_length, ScreenBound<acc_t> bound, CenterTerms<acc_t> c,
     acc_t* __restrict__ best_v, int64_t* __restrict__ best_j, int k) {
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
@@ -119,8 +133,7 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
   for (int64_t j = lane; j < c.count; j += 32) {
     acc_t v = tile_value(dots[j], xn, c.offset[j]);
     if (SCREEN) {
-      const acc_t reach = xl + c.length[j];
-      v += delta * reach * reach;
+      v += bound.margin(xl + c.length[j]);
     }
     if (v < worst) {
       // Rounding can make the squared distance slightly negative: clamp it at zero.
@@ -204,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) select_tile_kernel(
 // candidates overflow is marked with count = kCandidates + 1.
 __global__ void __launch_bounds__(kThreads) collect_candidates_kernel(
     const float* __restrict__ tile, int64_t rows, int64_t ld, const float* __restrict__ x_norm,
-    const float* __restrict__ x_length, float delta, CenterTerms<float> c,
+    const float* __restrict__ x_length, ScreenBound<float> bound, CenterTerms<float> c,
     const float* __restrict__ best_v, int k, int64_t* __restrict__ cand_j,
     float* __restrict__ cand_lower, int* __restrict__ count) {
   const int64_t row = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
@@ -239,8 +252,7 @@ __global__ void __launch_bounds__(kThreads) collect_candidates_kernel(
     bool take = false;
     float lower = 0.0f;
     if (j < c.count) {
-      const float reach = xl + c.length[j];
-      lower = tile_value(dots[j], xn, c.offset[j]) - delta * reach * reach;
+      lower = tile_value(dots[j], xn, c.offset[j]) - bound.margin(xl + c.length[j]);
       take = lower <= T;
     }
     const unsigned mask = __ballot_sync(kFullMask, take);
@@ -345,12 +357,12 @@ int blocks_for_warps(int64_t rows) {
 // Folds one tile into the running lists best_v / best_j (k <= kWarpK).
 template <typename acc_t, bool SCREEN>
 void select_tile(const at::Tensor& tile, int64_t rows, const at::Tensor& x_norm,
-                 const at::Tensor& x_length, acc_t delta, CenterTerms<acc_t> terms,
+                 const at::Tensor& x_length, ScreenBound<acc_t> bound, CenterTerms<acc_t> terms,
                  at::Tensor& best_v, at::Tensor& best_j, int64_t k) {
   auto kernel = k == 1 ? select_tile_kernel<acc_t, 1, SCREEN> : select_tile_kernel<acc_t, kWarpK, SCREEN>;
   kernel<<<blocks_for_warps(rows), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       tile.data_ptr<acc_t>(), rows, tile.stride(0), x_norm.data_ptr<acc_t>(),
-      SCREEN ? x_length.data_ptr<acc_t>() : nullptr, delta, terms, best_v.data_ptr<acc_t>(),
+      SCREEN ? x_length.data_ptr<acc_t>() : nullptr, bound, terms, best_v.data_ptr<acc_t>(),
       best_j.data_ptr<int64_t>(), static_cast<int>(k));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -374,7 +386,7 @@ void exact_search(const at::Tensor& xq, const at::Tensor& xq_norm, const Bank& b
       tile_dots(xb, bank.centers.narrow(0, k0, cols), t, /*tf32=*/false);
       const auto terms = bank.terms<acc_t>(k0, cols);
       if (k <= kWarpK) {
-        select_tile<acc_t, false>(t, rows, nb, nb, acc_t(0), terms, dv, dj, k);
+        select_tile<acc_t, false>(t, rows, nb, nb, ScreenBound<acc_t>{acc_t(0), acc_t(0)}, terms, dv, dj, k);
       } else {
         scan_tile_kernel<acc_t><<<static_cast<int>((rows + kThreads - 1) / kThreads), kThreads, 0,
                                   at::cuda::getCurrentCUDAStream()>>>(
@@ -393,7 +405,10 @@ void screened_search(const at::Tensor& x, const at::Tensor& x_norm, const Bank& 
   // Each TF32 product is within 2^-9 of the float32 product (10 mantissa bits kept, by
   // truncation at worst); float32 accumulation adds at most ~D 2^-24 relative. Both are
   // bounded by ||x|| ||c|| <= (||x|| + ||c||)^2 / 2, and the value holds 2 x.c.
-  const float delta = std::ldexp(1.0f, -9) + static_cast<float>(D) * std::ldexp(1.0f, -22);
+  // Flushing a subnormal operand or product moves each of the D terms of x.c by less than
+  // FLT_MIN times the other factor (<= reach) or by less than FLT_MIN: the absolute part.
+  const ScreenBound<float> bound{std::ldexp(1.0f, -9) + static_cast<float>(D) * std::ldexp(1.0f, -22),
+                                 2.0f * static_cast<float>(D) * std::numeric_limits<float>::min()};
   const at::Tensor x_length = x_norm.sqrt();
   const int64_t rows_max = std::min(M, kRowTile), cols_max = std::min(K, kCenterTile);
   const auto f32 = x_norm.options();
@@ -418,10 +433,10 @@ void screened_search(const at::Tensor& x, const at::Tensor& x_norm, const Bank& 
       at::Tensor t = tile.narrow(0, 0, rows).narrow(1, 0, cols);
       tile_dots(xb, bank.centers.narrow(0, k0, cols), t, /*tf32=*/true);
       const auto terms = bank.terms<float>(k0, cols);
-      select_tile<float, true>(t, rows, nb, lb, delta, terms, uv, uj, k);
+      select_tile<float, true>(t, rows, nb, lb, bound, terms, uv, uj, k);
       collect_candidates_kernel<<<blocks_for_warps(rows), kThreads, 0, stream>>>(
           t.data_ptr<float>(), rows, t.stride(0), nb.data_ptr<float>(), lb.data_ptr<float>(),
-          delta, terms, uv.data_ptr<float>(), static_cast<int>(k), cand_j.data_ptr<int64_t>(),
+          bound, terms, uv.data_ptr<float>(), static_cast<int>(k), cand_j.data_ptr<int64_t>(),
           cand_lower.data_ptr<float>(), cnt.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }

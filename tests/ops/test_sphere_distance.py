@@ -101,6 +101,22 @@ def test_near_duplicate_centres(device, k):
 
 @needs_extension
 @pytest.mark.parametrize("device", devices())
+def test_tiny_vectors_whose_products_are_subnormal(device):
+    # Components ~1e-20: every x.c product is subnormal (< 1.2e-38), which tensor cores may
+    # flush to zero; a purely relative screening bound would then rank the zero centre first.
+    # In float32 the exact values are 0 for the query's copy and ~1e-40 for the zero centre.
+    x = torch.tensor([[1e-20, 0.0, 0.0, 0.0], [0.0, 2e-20, 0.0, 0.0]])
+    centers = torch.cat([torch.zeros(3, 4), x, torch.zeros(2, 4)])
+    for k in (1, 2):
+        dist, index = ops.sphere_distance(x.to(device), centers.to(device), k=k)
+        ref_dist, ref_index = reference.sphere_distance(x, centers, None, k)
+        assert torch.equal(index.cpu(), ref_index), (index, ref_index)
+        assert index[:, 0].tolist() == [3, 4] and torch.equal(dist[:, 0].cpu(), torch.zeros(2))
+        torch.testing.assert_close(dist.cpu(), ref_dist, atol=1e-44, rtol=0)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
 def test_ties_across_centre_tiles(device):
     # Exact duplicates 4500 rows apart (CUDA centre tiles hold 4096): the lowest index wins.
     g = torch.Generator().manual_seed(14)
