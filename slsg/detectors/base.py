@@ -183,6 +183,11 @@ class Detector(ABC):
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [B] and anomaly maps [B, H, W] for images [B, 3, H, W] in [0, 1]; higher = more anomalous."""
 
+    def predict_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``predict`` for images already at the model's input size (``resize_to_input``'s output):
+        no resizing, maps at that size. ``predict`` on such images would scale them again."""
+        return self.predict(images)
+
     @property
     def dataset_image_size(self) -> int | None:
         """The ``image_size`` to open datasets with: an int when the model takes square images of

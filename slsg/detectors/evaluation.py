@@ -131,7 +131,8 @@ def compute_metrics(ev: Evaluation, pixel_f1: bool = False) -> dict[str, Any]:
 
 @torch.no_grad()
 def measure_throughput(detector: Detector, images: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Images per second of ``detector.predict`` on ``images`` (one batch, repeated; model time only)."""
+    """Images per second of the model on ``images``, a batch already at the model's input size
+    (``detector.resize_to_input``'s output): ``detector.predict_input``, repeated; model time only."""
     for name, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"measure_throughput: {name} must be an int >= {low}, got {value!r}")
@@ -139,8 +140,8 @@ def measure_throughput(detector: Detector, images: torch.Tensor, repeats: int = 
         raise ValueError("measure_throughput: images must be a non-empty batch [B, 3, H, W], got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
     for _ in range(warmup):
-        detector.predict(images)
+        detector.predict_input(images)
     start = time.perf_counter()
     for _ in range(repeats):
-        detector.predict(images)
+        detector.predict_input(images)
     return repeats * len(images) / (time.perf_counter() - start)

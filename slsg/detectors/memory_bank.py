@@ -270,8 +270,13 @@ class MemoryBankDetector(Detector):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = check_image_batch(images)
-        out_size = images.shape[-2:]
-        resized = self.resize_to_input(images)
+        return self._predict(self.resize_to_input(images), images.shape[-2:])
+
+    def predict_input(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = check_image_batch(images)
+        return self._predict(images, images.shape[-2:])
+
+    def _predict(self, resized: torch.Tensor, out_size: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         dist, nearest, emb = self._search_patches(resized)
         maps = F.interpolate(dist[:, None].float(), size=resized.shape[-2:], mode="bilinear",
                              align_corners=False)

@@ -274,6 +274,30 @@ def test_keep_aspect_scale_follows_training_images():
     assert maps.shape == (1, 128, 256)  # maps come back at the size of the input image
 
 
+def test_predict_input_and_throughput_run_the_model_at_its_input_size(monkeypatch):
+    # keep_aspect with input scale 0.5: predict() scales whatever it gets, so timing predict() on
+    # an image already at the input size would run the backbone at a quarter of the pixels.
+    from slsg.detectors import measure_throughput
+
+    images = [stripes(i, 2 * h, 2 * w) for i, (h, w) in enumerate(MIXED_SIZES)]
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=0.5, calibration_ratio=0.0, weights=None)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset(images))
+    original = stripes(50, 128, 256)[None]
+    model_input = detector.resize_to_input(original)
+    assert model_input.shape[-2:] == (64, 128)
+    seen = []
+    real_embed = detector.embed
+    monkeypatch.setattr(detector, "embed", lambda x: seen.append(tuple(x.shape[-2:])) or real_embed(x))
+    scores, maps = detector.predict_input(model_input)
+    assert seen == [(64, 128)] and maps.shape == (1, 64, 128)
+    full_scores, _ = detector.predict(original)
+    assert seen == [(64, 128), (64, 128)]
+    torch.testing.assert_close(scores, full_scores, rtol=0.05, atol=0)  # maps differ only by the final upsampling
+    seen.clear()
+    assert measure_throughput(detector, model_input, repeats=2, warmup=1) > 0
+    assert seen == [(64, 128)] * 3
+
+
 def test_stripes_of_other_aspect_ratios_look_normal_only_with_keep_aspect():
     """The reason for keep_aspect: squashing a wide image compresses its texture, which the
     memory bank then flags although nothing is wrong."""
