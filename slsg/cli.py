@@ -37,16 +37,37 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _dataset_kwargs(path: Path, args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+SPLIT_DEFAULTS = {"train_ratio": 0.8, "split_seed": 0}
+
+
+def _split_options(args: argparse.Namespace, fitted_with: dict[str, Any] | None) -> dict[str, Any]:
+    """--train-ratio and --split-seed: as given, else as the model was fitted with, else the
+    defaults. A model's test split must not hold its training images, so values that differ
+    from the fitted ones are refused."""
+    fitted_with = fitted_with or {}
+    options = {}
+    for key, default in SPLIT_DEFAULTS.items():
+        given, fitted = getattr(args, key), fitted_with.get(key)
+        if given is not None and fitted is not None and given != fitted:
+            flag = "--" + key.replace("_", "-")
+            raise CliError(f"the model was fitted on the split {flag} {fitted}; {flag} {given} would put some of "
+                           f"its training images into the test split (leave {flag} out to use {fitted})")
+        options[key] = given if given is not None else fitted if fitted is not None else default
+    return options
+
+
+def _dataset_kwargs(path: Path, args: argparse.Namespace,
+                    fitted_with: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     from slsg.data import detect_layout
 
     layout = detect_layout(path)
     kwargs: dict[str, Any] = {}
+    split = _split_options(args, fitted_with)
     if layout == "mtd":
-        kwargs = {"train_ratio": args.train_ratio, "seed": args.split_seed}
+        kwargs = {"train_ratio": split["train_ratio"], "seed": split["split_seed"]}
     elif layout == "folder":
         kwargs = {"abnormal_dir": args.abnormal, "mask_dir": args.masks,
-                  "test_normal_ratio": round(1.0 - args.train_ratio, 10), "seed": args.split_seed}
+                  "test_normal_ratio": round(1.0 - split["train_ratio"], 10), "seed": split["split_seed"]}
     if layout != "folder" and (args.abnormal or args.masks):
         raise CliError(f"--abnormal and --masks are for a folder of normal images; {path} is a {layout} dataset")
     return layout, kwargs
@@ -146,11 +167,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
                               num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize)
     detector = MemoryBankDetector(config, progress=not args.quiet)
     train = open_dataset(data, "train", image_size=detector.dataset_image_size, **kwargs)
+    if layout in ("mtd", "folder"):  # seeded splits: `slsg test` must rebuild the same one
+        split = _split_options(args, None)
     # Opened before the fit, so a broken test layout fails in seconds, not after it.
     test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, **kwargs).split_record()
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
+    if layout in ("mtd", "folder"):
+        detector.fit_info["split"] = split
     detector.save(out / "model")
     # The evaluation of a model this one replaces would no longer describe the model here.
     for stale in ("metrics.json", "report.md"):
@@ -173,7 +198,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector = load_detector(model_dir)
     detector.progress = not args.quiet
     data = Path(args.data)
-    layout, kwargs = _dataset_kwargs(data, args)
+    layout, kwargs = _dataset_kwargs(data, args, detector.fit_info.get("split"))
     out = _out_folder(args.out) if args.out else model_dir.parent if model_dir.name == "model" else model_dir
     _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
     return 0
@@ -280,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=_positive_int, default=8)
     evaluation.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     evaluation.add_argument("--heatmaps", type=int, default=2, help="overlays per defect type in the report")
-    evaluation.add_argument("--train-ratio", type=_ratio, default=0.8,
-                            help="MTD or a folder of normal images: share of the normal images that trains")
-    evaluation.add_argument("--split-seed", type=int, default=0, help="MTD or folder: seed of the train/test split")
+    evaluation.add_argument("--train-ratio", type=_ratio, default=None,
+                            help="MTD or a folder of normal images: share of the normal images that trains "
+                                 "(default 0.8; slsg test: the model's)")
+    evaluation.add_argument("--split-seed", type=int, default=None,
+                            help="MTD or folder: seed of the train/test split (default 0; slsg test: the model's)")
     evaluation.add_argument("--abnormal", default=None,
                             help="folder of normal images: a folder of anomalous test images (sub-folders = defect types)")
     evaluation.add_argument("--masks", default=None,

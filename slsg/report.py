@@ -241,6 +241,7 @@ def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2) -> list[P
             chosen[defect or "unknown"].append(i)
     window = heat_window(ev.threshold, ev.maps)
     written = []
+    used: set[str] = set()
     for defect, indices in chosen.items():
         for i in indices:
             path = Path(ev.paths[i])
@@ -249,7 +250,12 @@ def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2) -> list[P
                 verdict = " -> anomalous" if ev.scores[i] >= ev.threshold else " -> normal"
             caption = f"{defect} {path.name}: score {ev.scores[i]:.3g}{verdict}"
             panel = overlay_heatmap(load_image(path), ev.maps[i], window, ev.masks[i], ev.threshold, caption)
-            out = directory / f"{_safe(defect)}_{_safe(path.stem)}.png"
+            name, n = f"{_safe(defect)}_{_safe(path.stem)}.png", 1
+            while name in used:  # the same file name in two sub-folders
+                n += 1
+                name = f"{_safe(defect)}_{_safe(path.stem)}_{n}.png"
+            used.add(name)
+            out = directory / name
             save_png(panel, out)
             written.append(out)
     return written

@@ -258,6 +258,19 @@ def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
     assert metrics["image_auroc"] is not None and metrics["pixel_auroc"] is not None
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     assert len(split["train"]["files"]) == 6 and len(split["train"]["held_out_normal_files"]) == 2
+    # slsg test rebuilds the split the model was fitted on, and refuses one that would test on
+    # training images.
+    code, _, err = run(capsys, "fit", "--data", good, "--abnormal", tmp_path / "bad", "--masks", masks,
+                       "--split-seed", 1, "--no-eval", "--out", tmp_path / "run_s1", *common)
+    assert code == 0, err
+    code, _, err = run(capsys, "test", "--model", tmp_path / "run_s1", "--data", good, "--abnormal", tmp_path / "bad",
+                       "--masks", masks, "--quiet", "--heatmaps", 0)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run_s1" / "metrics.json").read_text())
+    assert metrics["dataset"]["split_seed"] == 1 and metrics["dataset"]["train_ratio"] == 0.8
+    code, _, err = run(capsys, "test", "--model", tmp_path / "run_s1", "--data", good, "--abnormal", tmp_path / "bad",
+                       "--masks", masks, "--split-seed", 0, "--quiet")
+    assert code == 2 and "fitted on the split --split-seed 1" in err and "--split-seed 0" in err
     # Only normal images, no evaluation: fits and saves.
     code, _, err = run(capsys, "fit", "--data", good, "--no-eval", "--out", tmp_path / "run2", *common)
     assert code == 0, err

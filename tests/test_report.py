@@ -94,3 +94,17 @@ def test_heat_window():
     assert heat_window(2.0, []) == (1.0, 3.0)
     assert heat_window(None, [np.array([1.0, 4.0]), np.array([2.0])]) == (1.0, 4.0)
     assert heat_window(None, [np.array([2.0, 2.0])]) == (2.0, 3.0)
+
+
+def test_heatmaps_of_images_with_the_same_file_name_do_not_overwrite_each_other(tmp_path):
+    from slsg.report import write_heatmaps
+
+    ev = make_evaluation(tmp_path)
+    for i in (0, 1):  # two good images named 3.png in different folders (a Folder dataset's sub-folders)
+        moved = tmp_path / f"cam{i}" / "3.png"
+        moved.parent.mkdir()
+        Image.open(ev.paths[i]).save(moved)
+        ev.paths[i] = str(moved)
+    written = write_heatmaps(ev, tmp_path / "heatmaps", per_type=3)
+    assert len(written) == len(set(written)) == 6
+    assert {p.name for p in written if p.name.startswith("good_3")} == {"good_3.png", "good_3_2.png"}

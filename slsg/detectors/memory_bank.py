@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ from slsg.utils import atomic_path
 
 
 RESIZE_MODES = ("keep_aspect", "square")
+# Below this many held-out normal images, a quantile of their scores is mostly one image's score.
+MIN_CALIBRATION_IMAGES = 5
 
 
 @dataclass
@@ -88,6 +91,8 @@ class MemoryBankConfig:
             raise ValueError(f"coreset_ratio must lie in (0, 1] or be None, got {self.coreset_ratio}")
         if not 0.0 <= self.calibration_ratio < 1.0:
             raise ValueError(f"calibration_ratio must lie in [0, 1), got {self.calibration_ratio}")
+        if not 0.0 < self.threshold_quantile <= 1.0:
+            raise ValueError(f"threshold_quantile must lie in (0, 1], got {self.threshold_quantile}")
         if self.pool_size < 1 or self.pool_size % 2 == 0:
             raise ValueError(f"pool_size must be a positive odd number, got {self.pool_size}")
         if self.embed_dim is not None and self.embed_dim < 1:
@@ -172,6 +177,10 @@ class MemoryBankDetector(Detector):
         order = torch.randperm(n, generator=generator).tolist()
         n_cal = min(n - 1, max(1, round(cfg.calibration_ratio * n))) if cfg.calibration_ratio > 0 else 0
         cal_index, bank_index = sorted(order[:n_cal]), sorted(order[n_cal:])
+        if 0 < n_cal < MIN_CALIBRATION_IMAGES:
+            warnings.warn(f"the image threshold comes from only {n_cal} held-out normal image(s) of {n} "
+                          f"(calibration_ratio={cfg.calibration_ratio}): expect it to flag many normal images; "
+                          "more training images make it reliable", stacklevel=2)
         if cfg.resize == "square":
             self.fit_info = {"input_scale": None}
             input_sizes = [(cfg.image_size, cfg.image_size)] * n

@@ -384,3 +384,14 @@ def test_score_reweighting_matches_patchcore_formula(fitted):
 def test_score_reweight_rejects_one_neighbour():
     with pytest.raises(ValueError, match="score_reweight"):
         MemoryBankConfig(score_reweight=1)
+
+
+def test_bad_threshold_quantile_fails_before_any_work():
+    with pytest.raises(ValueError, match=r"threshold_quantile must lie in \(0, 1\], got 1.5"):
+        MemoryBankConfig(threshold_quantile=1.5)
+
+
+def test_threshold_from_very_few_normal_images_warns():
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=0.5, calibration_ratio=0.2, weights=None)
+    with pytest.warns(UserWarning, match=r"threshold comes from only 2 held-out normal image\(s\) of 10"):
+        MemoryBankDetector(config, progress=False).fit(ListDataset([normal_image(i) for i in range(10)]))
