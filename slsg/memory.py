@@ -19,7 +19,7 @@ import torch
 from . import ops
 from .ops import reference
 from .ops._validate import check_int, check_tensor
-from .utils import all_finite, atomic_path
+from .utils import all_finite, atomic_path, squared_norms_fit_float32
 
 BACKENDS = ("auto", "kernel", "faiss", "torch")
 INDEX_TYPES = ("flat", "ivfpq")
@@ -66,6 +66,9 @@ class MemoryBank:
     Backends: "kernel" (slsg.ops.sphere_distance, compiled or reference), "faiss",
     "torch" (the pure-PyTorch reference), "auto" (kernel for exact search, faiss for
     IVF-PQ). Exact backends return the same neighbours.
+
+    Float32 features already on ``device`` are kept without a copy (banks can be large):
+    modifying them in place afterwards leaves the bank's search state stale.
     """
 
     def __init__(
@@ -91,6 +94,9 @@ class MemoryBank:
             raise ValueError(f"MemoryBank: index 'ivfpq' needs at least {minimum} features to train, got "
                              f"{features.shape[0]}; use index='flat' (exact) for small banks")
         self.features = features.detach().to(device=device, dtype=torch.float32).contiguous()
+        if not squared_norms_fit_float32(self.features):
+            raise ValueError("MemoryBank: features are too large for float32 search (squared norms overflow, "
+                             f"|value| up to {float(features.abs().max()):.3g}); rescale them")
         self.backend = backend
         self._faiss_index = None
         self._origin = _search_origin(self.features)
@@ -147,6 +153,9 @@ class MemoryBank:
         # Every backend rejects them alike (faiss would return index -1, torch NaN).
         if not all_finite(x):
             raise ValueError("MemoryBank.search: queries contain NaN or Inf")
+        if not squared_norms_fit_float32(x):
+            raise ValueError("MemoryBank.search: queries are too large for float32 search (squared norms "
+                             f"overflow, |value| up to {float(x.abs().max()):.3g}); rescale them")
         if self._origin is not None:
             x = x - self._origin
         if backend == "kernel":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -55,3 +56,23 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(t)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+# ||x||^2 + ||c||^2 - 2 x.c must stay finite in float32: each term at most a quarter of the range.
+_FLOAT32_NORM_LIMIT = torch.finfo(torch.float32).max / 4
+
+
+def squared_norms_fit_float32(t: torch.Tensor, chunk: int = 65536) -> bool:
+    """Whether every row's squared norm ||t_i||^2 fits comfortably in float32 (no overflow in a
+    distance computed as ||x||^2 + ||c||^2 - 2 x.c). One min/max pass; rows are summed exactly
+    (float64, in chunks) only when the largest value could overflow."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    peak = max(abs(float(low)), abs(float(high)))
+    if not math.isfinite(peak):
+        return False
+    if peak * peak * t.shape[-1] <= _FLOAT32_NORM_LIMIT:
+        return True
+    rows = t.reshape(-1, t.shape[-1])
+    return all(float(c.double().square().sum(1).max()) <= _FLOAT32_NORM_LIMIT for c in rows.split(chunk))

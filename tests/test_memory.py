@@ -165,3 +165,19 @@ def test_search_is_exact_when_features_share_a_large_offset():
         assert torch.equal(idx[:, 0], truth.indices), backend
         torch.testing.assert_close(dist[:, 0].double(), truth.values, rtol=1e-4, atol=1e-6)
     assert MemoryBank(torch.randn(500, 32, generator=g))._origin is None  # no copy for ordinary banks
+
+
+def test_features_or_queries_too_large_for_float32_are_refused():
+    # Finite in float64 but not in float32 (or whose squared norms overflow float32): the
+    # torch backend returned NaN distances and faiss arbitrary rows.
+    huge = torch.randn(10, 8, dtype=torch.float64)
+    huge[3, 0] = 1e39
+    with pytest.raises(ValueError, match=r"MemoryBank: features are too large for float32 search .*1e\+39"):
+        MemoryBank(huge)
+    with pytest.raises(ValueError, match="features are too large for float32 search"):
+        MemoryBank(torch.randn(10, 8) * 1e19)
+    bank = MemoryBank(torch.randn(10, 8))
+    for backend in ("kernel", "torch", "faiss"):
+        with pytest.raises(ValueError, match="queries are too large for float32 search"):
+            bank.search(torch.randn(2, 8) * 1e19, backend=backend)
+    assert bank.search(torch.randn(2, 8) * 1e17)[1].shape == (2, 1)  # large but within range

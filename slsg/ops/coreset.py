@@ -34,6 +34,9 @@ def coreset_plan(
         x = x.float() @ proj.to(device=x.device)
     x = x.float()
     peak = x.abs().max()
+    if not torch.isfinite(peak):  # float64 input beyond float32's range, or a projection that overflowed
+        raise ValueError("greedy_coreset: x is too large for float32 (values overflow in the cast or the "
+                         "random projection); rescale it or pass projection_dim=None")
     scale = 127.0 / peak if peak > 0 else torch.ones((), device=x.device)
     return (x * scale).round_().clamp_(-127, 127).to(torch.int8), start
 

@@ -37,7 +37,13 @@ def knn_graph(
     """
     B, N, _ = x.shape
     acc = accumulation_dtype(x.dtype)
-    xn = F.normalize(x.to(acc), dim=-1, eps=COSINE_EPS)
+    x = x.to(acc)
+    peak = x.abs().amax(-1, keepdim=True)
+    if bool((peak > 2.0**60).any()):
+        # The norms of rows this large overflow in float32; cosine similarity ignores a row's
+        # scale, and a power of two rescales it exactly.
+        x = x * torch.where(peak > 2.0**60, torch.exp2(-torch.ceil(torch.log2(peak))), torch.ones_like(peak))
+    xn = F.normalize(x, dim=-1, eps=COSINE_EPS)
     span = k * dilation
     out = torch.empty((B, N, k), dtype=torch.long, device=x.device)
     rows = max(1, _CHUNK_ELEMS // max(N, 1))

@@ -45,7 +45,8 @@ def sphere_distance(
 def topk_mean(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the k largest values of each row of a [B, L] tensor."""
     acc = accumulation_dtype(scores.dtype)
-    return scores.to(acc).topk(k, dim=1).values.mean(1).to(scores.dtype)
+    # The sum of k values near float32's maximum overflows; the mean does not.
+    return scores.to(acc).topk(k, dim=1).values.double().mean(1).to(scores.dtype)
 
 
 def greedy_coreset(x: torch.Tensor, n: int, start: int) -> torch.Tensor:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..utils import all_finite
+from ..utils import all_finite, squared_norms_fit_float32
 from . import reference
 from ._extension import EXTENSION_LOADED, use_extension
 from ._validate import check_int, check_same_device, check_tensor
@@ -52,6 +52,9 @@ def sphere_distance(
         for name, t in (("x", x), ("centers", centers), ("radii", radii)):
             if t is not None and not all_finite(t):
                 raise ValueError(f"{op}: {name} contains NaN or Inf")
+        # Like the kernels, refuse what would overflow in float32 accumulation (NaN otherwise).
+        if x.dtype != torch.float64 and not (squared_norms_fit_float32(x) and squared_norms_fit_float32(centers)):
+            raise ValueError(f"{op}: squared norms of x or centers overflow float32; rescale the inputs")
     return reference.sphere_distance(x, centers, radii, k)
 
 

@@ -292,3 +292,13 @@ def test_memory_is_bounded_at_4096_nodes():
         "assert index.shape == (4, 4096, 9)\n"
     )
     assert grew < 48, f"knn_graph peak memory grew by {grew:.0f} MiB"
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_reference_is_scale_invariant_beyond_float32_norms(scale):
+    # Cosine similarity ignores scale; the reference normalised in float32, so rows this large
+    # got infinite norms and every similarity tied.
+    x = torch.randn(2, 50, 16, generator=generator(21))
+    x[0, 7] *= 1e-3  # a row of another scale stays as it was
+    expected = graph_reference.knn_graph(x, 5)
+    assert torch.equal(graph_reference.knn_graph(x * scale, 5), expected)

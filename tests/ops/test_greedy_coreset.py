@@ -124,3 +124,13 @@ def test_float64_keeps_its_precision(device):
     # Beyond float32's range, but finite in float64.
     big = torch.tensor([[0.0], [1e39], [2e39]], dtype=torch.float64, device=device)
     assert torch.ops.slsg.greedy_coreset(big, 3, 0).tolist() == reference.greedy_coreset(big, 3, 0).tolist()
+
+
+def test_values_beyond_float32_are_refused():
+    # float64 rows are projected in float32: an overflow made the int8 plan all zeros, and the
+    # selection silently became index order.
+    x = torch.randn(100, 300, dtype=torch.float64)
+    x[44, 0] = 1e39
+    with pytest.raises(ValueError, match="too large for float32"):
+        ops.greedy_coreset(x, 10)
+    assert ops.greedy_coreset(x, 10, projection_dim=None).shape == (10,)  # float64 throughout

@@ -276,3 +276,10 @@ def test_torch_compile_fullgraph():
 
     x, centers = torch.randn(50, 16), torch.randn(80, 16)
     torch.testing.assert_close(score(x, centers), ops.sphere_distance(x, centers, k=2)[0].mean(1).sqrt())
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_squared_norms_beyond_float32_are_refused(backend):
+    x, centers = torch.randn(2, 64) * 1e19, torch.randn(5, 64) * 1e19
+    with pytest.raises((ValueError, RuntimeError), match="overflow|too large"):
+        ops.sphere_distance(x, centers, backend=backend)

@@ -73,3 +73,9 @@ def test_opcheck_and_compile():
 def test_empty_batch_gives_empty_scores():
     assert ops.topk_mean(torch.randn(0, 7), 3).shape == (0,)
     assert ops.topk_mean(torch.randn(0, 4, 5), 1).shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_values_near_the_float32_maximum_do_not_overflow(backend):
+    scores = torch.full((2, 10), 3e38)
+    torch.testing.assert_close(ops.topk_mean(scores, 4, backend=backend), torch.full((2,), 3e38))
