@@ -102,7 +102,8 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     from slsg.report import write_report
 
     size = detector.config.image_size
-    test = open_dataset(data, "test", image_size=detector.dataset_image_size, **kwargs)
+    bit_depth = getattr(detector.config, "bit_depth", None)
+    test = open_dataset(data, "test", image_size=detector.dataset_image_size, bit_depth=bit_depth, **kwargs)
     ev = evaluate(detector, test, batch_size=args.batch_size, num_workers=args.workers,
                   progress=not args.quiet)
     # Model speed at the model's input size (what benchmarks compare), not counting the
@@ -119,7 +120,7 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     model = {"detector": detector.kind, "config": config_to_dict(detector.config),
              **{k: v for k, v in fit_info.items() if k not in ("fit_seconds", "calibration_indices")},
              "threads": torch.get_num_threads()}
-    doc = write_report(out, ev, dataset, model, timings, heatmaps_per_type=args.heatmaps)
+    doc = write_report(out, ev, dataset, model, timings, heatmaps_per_type=args.heatmaps, bit_depth=bit_depth)
     _print_metrics(doc, out)
     return doc
 
@@ -164,9 +165,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
     weights = None if args.weights == "none" else args.weights
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
                               coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
-                              num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize)
+                              num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize,
+                              bit_depth=args.bit_depth)
     detector = MemoryBankDetector(config, progress=not args.quiet)
-    train = open_dataset(data, "train", image_size=detector.dataset_image_size, **kwargs)
+    train = open_dataset(data, "train", image_size=detector.dataset_image_size, bit_depth=args.bit_depth, **kwargs)
     if layout in ("mtd", "folder"):  # seeded splits: `slsg test` must rebuild the same one
         split = _split_options(args, None)
     # Opened before the fit, so a broken test layout fails in seconds, not after it.
@@ -241,7 +243,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     used_names: set[str] = set()
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        originals = [load_image(p) for p in chunk]
+        originals = [load_image(p, getattr(detector.config, "bit_depth", None)) for p in chunk]
         scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
         for path, original, score, amap in zip(chunk, originals, scores.tolist(), maps):
             verdict = None if threshold is None else bool(score >= threshold)
@@ -332,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--coreset-ratio", type=_ratio, default=0.01,
                      help="share of training patches kept in the memory bank (default 0.01)")
     fit.add_argument("--embed-dim", type=_positive_int, default=None)
+    fit.add_argument("--bit-depth", type=int, default=None, choices=range(8, 17), metavar="{8..16}",
+                     help="bits per sample of images wider than 8 bits, e.g. 12 for a 12-bit camera's 16-bit "
+                          "files (default: their container's 16); kept with the model")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--no-eval", action="store_true", help="only fit and save the model")
     fit.set_defaults(func=cmd_fit)

@@ -54,8 +54,9 @@ def build_metrics(evaluation: Evaluation, dataset: dict[str, Any], model: dict[s
 
 def write_report(run_dir: str | os.PathLike, evaluation: Evaluation, dataset: dict[str, Any],
                  model: dict[str, Any] | None = None, timings: dict[str, float] | None = None,
-                 heatmaps_per_type: int = 2) -> dict[str, Any]:
-    """Write metrics.json, report.md, roc.png, pro.png and heatmaps/ into ``run_dir``; return the metrics."""
+                 heatmaps_per_type: int = 2, bit_depth: int | None = None) -> dict[str, Any]:
+    """Write metrics.json, report.md, roc.png, pro.png and heatmaps/ into ``run_dir``; return the metrics.
+    ``bit_depth``: how the test images were read (slsg.data.load_image), for the overlays."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     doc = build_metrics(evaluation, dataset, model, timings)
@@ -65,7 +66,7 @@ def write_report(run_dir: str | os.PathLike, evaluation: Evaluation, dataset: di
         figures.append("roc.png")
     if plot_pro(evaluation, run_dir / "pro.png"):
         figures.append("pro.png")
-    heatmaps = write_heatmaps(evaluation, run_dir / "heatmaps", per_type=heatmaps_per_type)
+    heatmaps = write_heatmaps(evaluation, run_dir / "heatmaps", per_type=heatmaps_per_type, bit_depth=bit_depth)
     atomic_write_text(run_dir / "report.md", markdown_report(doc, figures, [h.relative_to(run_dir) for h in heatmaps]))
     return doc
 
@@ -231,7 +232,7 @@ def save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2) -> list[Path]:
+def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth: int | None = None) -> list[Path]:
     """Overlays of the first ``per_type`` test images of each defect type (and of the good ones)."""
     if per_type <= 0:
         return []
@@ -249,7 +250,7 @@ def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2) -> list[P
             if ev.threshold is not None:
                 verdict = " -> anomalous" if ev.scores[i] >= ev.threshold else " -> normal"
             caption = f"{defect} {path.name}: score {ev.scores[i]:.3g}{verdict}"
-            panel = overlay_heatmap(load_image(path), ev.maps[i], window, ev.masks[i], ev.threshold, caption)
+            panel = overlay_heatmap(load_image(path, bit_depth), ev.maps[i], window, ev.masks[i], ev.threshold, caption)
             name, n = f"{_safe(defect)}_{_safe(path.stem)}.png", 1
             while name in used:  # the same file name in two sub-folders
                 n += 1

@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,3 +279,25 @@ def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
     # --abnormal belongs to folder datasets only.
     code, _, err = run(capsys, "fit", "--data", toy, "--abnormal", tmp_path / "bad", "--out", tmp_path / "run3", *common)
     assert code == 2 and "--abnormal and --masks are for a folder of normal images" in err
+
+
+def test_bit_depth_is_kept_with_the_model(capsys, tmp_path):
+    from PIL import Image
+
+    from slsg.detectors import load_detector
+
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):  # a 12-bit camera's 16-bit files
+        Image.fromarray(rng.integers(0, 4096, size=(32, 32), dtype=np.uint16)).save(good / f"{i}.png")
+    common = ("--weights", "none", "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--no-eval")
+    code, _, err = run(capsys, "fit", "--data", good, "--bit-depth", 12, "--out", tmp_path / "run", *common)
+    assert code == 0, err
+    assert load_detector(tmp_path / "run").config.bit_depth == 12
+    code, out, err = run(capsys, "predict", "--model", tmp_path / "run", good / "0.png")
+    assert code == 0 and "0.png" in out, err
+    code, _, err = run(capsys, "fit", "--data", good, "--bit-depth", 10, "--out", tmp_path / "run10", *common)
+    assert code != 0 and "exceed the 10-bit range" in err
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--data", str(good), "--out", str(tmp_path / "r"), "--bit-depth", "7"])

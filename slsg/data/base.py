@@ -91,6 +91,9 @@ class AnomalyDataset(Dataset):
     """
 
     name = "dataset"
+    # Bits per sample of integer images wider than 8 bits (None: their container's 16); see
+    # slsg.data.io. open_dataset(..., bit_depth=12) sets it.
+    bit_depth: int | None = None
 
     def __init__(self, samples: Sequence[Sample], root: str | os.PathLike, split: str,
                  image_size: int | tuple[int, int] | None = 256) -> None:
@@ -161,7 +164,7 @@ class AnomalyDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         sample = self.samples[index]
-        image = load_image(sample.path)
+        image = load_image(sample.path, self.bit_depth)
         mask = self.full_mask(index, size=(image.height, image.width))
         return {
             "image": resize_image(image, self.image_size),

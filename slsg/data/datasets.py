@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .base import AnomalyDataset, Sample, list_images
 from .folder import Folder, seeded_split
-from .io import DataError
+from .io import DataError, check_bit_depth
 from .mtd import MTD
 from .mvtec import DefectConfig, MVTecAD, MVTecLOCO, parse_defects_config
 
@@ -42,8 +42,12 @@ def detect_layout(path: str | os.PathLike) -> str:
 
 
 def open_dataset(path: str | os.PathLike, split: str, image_size: int | tuple[int, int] | None = 256,
-                 **kwargs) -> AnomalyDataset:
+                 bit_depth: int | None = None, **kwargs) -> AnomalyDataset:
     """Open the dataset at `path` with the class its layout calls for; extra kwargs go to that class
-    (e.g. train_ratio/seed for MTD)."""
+    (e.g. train_ratio/seed for MTD). ``bit_depth``: bits per sample of images wider than 8 bits
+    (e.g. 12 for a 12-bit camera's 16-bit files; None: their container's 16)."""
+    check_bit_depth(bit_depth)
     cls, _ = _LAYOUTS[detect_layout(path)]
-    return cls(path, split=split, image_size=image_size, **kwargs)
+    dataset = cls(path, split=split, image_size=image_size, **kwargs)
+    dataset.bit_depth = bit_depth
+    return dataset

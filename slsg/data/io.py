@@ -2,6 +2,10 @@
 
 Every image, whatever its file mode (L, P, RGBA, CMYK, 16-bit I;16 / I, 32-bit F),
 becomes an 8-bit RGB PIL image; every ground-truth mask becomes a bool array.
+Integer images of more than 8 bits are scaled by their container's range (0-65535), or by
+``2**bit_depth - 1`` when the caller says how many bits the camera delivers: a 12-bit camera
+writes 16-bit files whose values stay below 4096, which the container's scale would turn
+nearly black (16 grey levels after the conversion to 8 bits).
 Anything unreadable raises `DataError` naming the file, never a bare PIL error.
 """
 from __future__ import annotations
@@ -51,32 +55,68 @@ def _open(path: str | os.PathLike) -> Image.Image:
     return image
 
 
-def _wide_to_unit(array: np.ndarray, mode: str) -> np.ndarray:
+BIT_DEPTHS = range(8, 17)
+_warned_wide_range = False
+
+
+def check_bit_depth(bit_depth: int | None) -> int | None:
+    if bit_depth is not None and (isinstance(bit_depth, bool) or not isinstance(bit_depth, int)
+                                  or bit_depth not in BIT_DEPTHS):
+        raise ValueError(f"bit_depth must be None or an int from 8 to 16, got {bit_depth!r}")
+    return bit_depth
+
+
+def _wide_to_unit(array: np.ndarray, mode: str, bit_depth: int | None = None) -> np.ndarray:
     """Scale a >8-bit grayscale array to [0, 1] floats."""
     array = array.astype(np.float64)
     if mode == "F":
         # Float images carry no declared range: [0, 1] when they fit, else 8-bit values.
         return np.clip(array if array.max(initial=0.0) <= 1.0 else array / 255.0, 0.0, 1.0)
-    return np.clip(array / 65535.0, 0.0, 1.0)
+    top = 65535.0 if bit_depth is None else float(2 ** bit_depth - 1)
+    peak = array.max(initial=0.0)
+    if bit_depth is not None and peak > top:
+        raise ValueError(f"values up to {peak:.0f} exceed the {bit_depth}-bit range 0-{top:.0f} "
+                         f"(bit_depth={bit_depth}); pass the camera's real bit depth")
+    return np.clip(array / top, 0.0, 1.0)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert a PIL image of any mode to 8-bit RGB (alpha is dropped, not composited)."""
+def to_rgb(image: Image.Image, bit_depth: int | None = None) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB (alpha is dropped, not composited).
+    ``bit_depth`` applies to integer images of more than 8 bits only (see the module notes)."""
     if image.mode == "RGB":
         return image
     if image.mode in _WIDE_INT_MODES or image.mode == "F":
-        unit = _wide_to_unit(np.asarray(image), image.mode)
+        unit = _wide_to_unit(np.asarray(image), image.mode, bit_depth)
         return Image.fromarray(np.round(unit * 255.0).astype(np.uint8), mode="L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # avoids PIL's warning about palette transparency
     return image.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Load any supported image file as an 8-bit RGB PIL image."""
+def _warn_if_narrow(image: Image.Image, path: str | os.PathLike) -> None:
+    """Once per process: a wide integer image read on the 16-bit scale whose values would fit a
+    smaller camera bit depth (the usual sign of a 10/12/14-bit camera) looks almost black."""
+    global _warned_wide_range
+    if _warned_wide_range:
+        return
+    peak = int(np.asarray(image).max(initial=0))
+    bits = next((b for b in (8, 10, 12, 14) if 0 < peak < 2 ** b), None)
+    if bits is not None:
+        _warned_wide_range = True
+        warnings.warn(f"{path}: a {image.mode} image whose values stay below {2 ** bits} (up to {peak}) is read "
+                      f"on the 16-bit scale 0-65535, so it looks almost black; if the camera delivers {bits} bits, "
+                      f"pass bit_depth={bits} (slsg fit --bit-depth {bits})", stacklevel=3)
+
+
+def load_image(path: str | os.PathLike, bit_depth: int | None = None) -> Image.Image:
+    """Load any supported image file as an 8-bit RGB PIL image. ``bit_depth``: the bits per
+    sample of integer images wider than 8 bits (None: their container's 16)."""
+    check_bit_depth(bit_depth)
     image = _open(path)
+    if bit_depth is None and image.mode in _WIDE_INT_MODES:
+        _warn_if_narrow(image, path)
     try:
-        return to_rgb(image)
+        return to_rgb(image, bit_depth)
     except Exception as exc:
         raise DataError(f"cannot convert image {path} (mode {image.mode}) to RGB: {exc}") from exc
 

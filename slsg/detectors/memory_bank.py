@@ -41,6 +41,7 @@ from slsg import ops
 from slsg.backbones import Backbone, create
 from slsg.detectors.base import (Detector, ModelError, check_image_batch, collate_images, gaussian_smooth,
                                  image_sizes, register)
+from slsg.data.io import check_bit_depth
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
 from slsg.utils import atomic_path
@@ -58,6 +59,9 @@ class MemoryBankConfig:
     strides: tuple[int, ...] = (8, 16)  # backbone stages whose features form the patch embedding
     image_size: int = 256
     resize: str = "keep_aspect"  # "keep_aspect" (one scale for all images) or "square" (S x S)
+    # Bits per sample of the images when wider than 8 (e.g. 12 for a 12-bit camera's 16-bit
+    # files); None: their container's 16. How the CLI opens this model's data (slsg.data.io).
+    bit_depth: int | None = None
     pool_size: int = 3  # neighbourhood aggregated into each patch embedding
     embed_dim: int | None = None  # adaptive average pooling of the concatenated channels; None keeps all
     # Share of training patches kept in the memory bank (None keeps all). 1%: PatchCore's paper finds
@@ -85,6 +89,7 @@ class MemoryBankConfig:
         if self.image_size < 32 or self.image_size % max(self.strides):
             raise ValueError(f"image_size must be a multiple of {max(self.strides)} and at least 32, "
                              f"got {self.image_size}")
+        check_bit_depth(self.bit_depth)
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}, got {self.resize!r}")
         if self.coreset_ratio is not None and not 0.0 < self.coreset_ratio <= 1.0:

@@ -163,3 +163,48 @@ def test_resize_helpers_shapes_and_ranges():
     resized = resize_mask(mask, 4)
     assert resized.shape == (1, 4, 4) and set(resized.unique().tolist()) == {0.0, 1.0}
     assert resized[0, :, :2].sum() == 0 and resized[0, :, 2:].sum() == 8
+
+
+def _twelve_bit_ramp(tmp_path, name="ramp12.png"):
+    values = (np.arange(4096, dtype=np.uint16) // 16 * 16 + 15).reshape(64, 64)  # 0-4095, a 12-bit camera
+    return _save(tmp_path, name, Image.fromarray(values)), values
+
+
+def test_bit_depth_scales_a_twelve_bit_camera_to_the_full_range(tmp_path):
+    import slsg.data.io as io
+
+    path, values = _twelve_bit_ramp(tmp_path)
+    rgb = np.asarray(load_image(path, bit_depth=12))[..., 0]
+    np.testing.assert_array_equal(rgb, np.round(values / 4095 * 255).astype(np.uint8))
+    assert len(np.unique(rgb)) == 255  # 256 camera levels 15, 31, ..., 4095: 1-255 after rounding
+    # Without it: the container's 16-bit scale (16 grey levels), and one warning naming the fix.
+    io._warned_wide_range = False
+    with pytest.warns(UserWarning, match=r"ramp12.png: a I;16 image whose values stay below 4096 .*bit_depth=12"):
+        dark = np.asarray(load_image(path))[..., 0]
+    assert dark.max() == 16 and len(np.unique(dark)) == 17
+
+
+def test_bit_depth_too_small_for_the_values_names_the_file(tmp_path):
+    path, _ = _twelve_bit_ramp(tmp_path)
+    with pytest.raises(DataError, match=r"ramp12.png .*values up to 4095 exceed the 10-bit range 0-1023"):
+        load_image(path, bit_depth=10)
+    for bad in (7, 17, 12.0, True):
+        with pytest.raises(ValueError, match="bit_depth must be None or an int from 8 to 16"):
+            load_image(path, bit_depth=bad)
+
+
+def test_bit_depth_leaves_eight_bit_images_alone(tmp_path):
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    path = _save(tmp_path, "g.png", Image.fromarray(values))
+    np.testing.assert_array_equal(np.asarray(load_image(path, bit_depth=12))[..., 1], values)
+
+
+def test_open_dataset_reads_with_the_bit_depth(tmp_path):
+    from slsg.data import open_dataset
+
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for i in range(3):
+        _twelve_bit_ramp(folder, f"{i}.png")
+    items = open_dataset(folder, "train", image_size=None, bit_depth=12)
+    assert items.bit_depth == 12 and float(items[0]["image"].max()) == 1.0
