@@ -15,7 +15,9 @@ import torch
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only on success.
 
-    A crash or exception mid-write leaves any existing file at ``path`` untouched.
+    A crash or exception mid-write leaves any existing file at ``path`` untouched. The new
+    file's data reach the disk before the rename, and the rename before the return, so a power
+    loss too leaves either the old file or the complete new one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,16 +27,45 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
     try:
         yield tmp_path
+        _fsync(tmp_path)  # the writer may not have flushed (np.savez, faiss, PIL)
         os.replace(tmp_path, path)
+        _fsync(path.parent, directory=True)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
+def _fsync(path: Path, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # some platforms (Windows) cannot open a directory; the file is synced
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+_UMASK: int | None = None
+
+
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """The process umask, read once: setting it to learn it (the only portable way) races with
+    other threads creating files, so Linux's /proc is read instead where it exists."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                _UMASK = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -27,3 +27,40 @@ def test_all_finite_edge_cases():
     assert not all_finite(torch.tensor(float("nan")))
     big = torch.finfo(torch.float32).max
     assert all_finite(torch.tensor([big, -big]))
+
+
+def test_atomic_write_keeps_the_old_file_on_error_and_syncs_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    from slsg import utils
+
+    target = tmp_path / "model.json"
+    utils.atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError):
+        with utils.atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.json"]
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    utils.atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    kinds = [e[0] for e in events]
+    assert kinds == ["fsync", "replace", "fsync"], events
+    assert events[0][1].startswith(str(tmp_path / ".model.json.")) and events[2][1] == str(tmp_path)
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    import os
+
+    from slsg import utils
+
+    utils.atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~utils._umask()
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert utils._umask() == mask
