@@ -180,7 +180,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         detector.fit_info["split"] = split
     detector.save(out / "model")
     # The evaluation of a model this one replaces would no longer describe the model here.
-    for stale in ("metrics.json", "report.md"):
+    for stale in ("metrics.json", "report.md", "roc.png", "pro.png", *(out / "heatmaps").glob("*.png")):
         if (out / stale).is_file():
             (out / stale).unlink()
     print(f"fitted on {len(train)} images in {fit_seconds:.1f} s: memory bank of {len(detector.bank)} patches, "

@@ -233,7 +233,10 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 
 def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth: int | None = None) -> list[Path]:
-    """Overlays of the first ``per_type`` test images of each defect type (and of the good ones)."""
+    """Overlays of the first ``per_type`` test images of each defect type (and of the good ones).
+    The folder is the report's own: overlays of an earlier report there are removed."""
+    for old in directory.glob("*.png") if directory.is_dir() else ():
+        old.unlink()
     if per_type <= 0:
         return []
     chosen: dict[str, list[int]] = {}

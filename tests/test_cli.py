@@ -217,12 +217,17 @@ def test_fit_then_test_reproduces_metrics(capsys, tmp_path):
 def test_refit_without_evaluation_removes_the_old_metrics(capsys, tmp_path):
     data = _synthetic_layout(tmp_path / "toy")
     run_dir = tmp_path / "run"
-    common = ("--weights", "none", "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--heatmaps", 0)
-    assert run(capsys, "fit", "--data", data, "--out", run_dir, *common)[0] == 0
+    common = ("--weights", "none", "--image-size", 32, "--coreset-ratio", 1.0, "--quiet")
+    assert run(capsys, "fit", "--data", data, "--out", run_dir, "--heatmaps", 2, *common)[0] == 0
     assert (run_dir / "metrics.json").is_file() and (run_dir / "report.md").is_file()
+    assert (run_dir / "roc.png").is_file() and len(list((run_dir / "heatmaps").glob("*.png"))) >= 2
+    # a report with fewer overlays leaves none of the earlier ones behind
+    assert run(capsys, "test", "--model", run_dir, "--data", data, "--heatmaps", 1, "--quiet")[0] == 0
+    assert len(list((run_dir / "heatmaps").glob("*.png"))) == len(list((data / "test").iterdir()))
     code, _, err = run(capsys, "fit", "--data", data, "--out", run_dir, "--no-eval", *common)
     assert code == 0, err
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "report.md").exists()
+    assert not (run_dir / "roc.png").exists() and not list((run_dir / "heatmaps").glob("*.png"))
 
 
 def test_out_that_is_a_file_fails_before_any_work(capsys, tmp_path, tiny_model):
