@@ -65,7 +65,11 @@ class MemoryBank:
 
     Backends: "kernel" (slsg.ops.sphere_distance, compiled or reference), "faiss",
     "torch" (the pure-PyTorch reference), "auto" (kernel for exact search, faiss for
-    IVF-PQ). Exact backends return the same neighbours.
+    IVF-PQ). Exact backends return the same neighbours. They compute ||x||^2 + ||c||^2 - 2 x.c
+    in float32 (like faiss's BLAS path and torch.cdist), searching relative to the bank's mean
+    when one common offset dominates the features; where the features' norms still dwarf the
+    distances between neighbours (several clusters far apart, e.g. 100 times their spread),
+    float32 rounding can swap near neighbours.
 
     Float32 features already on ``device`` are kept without a copy (banks can be large):
     modifying them in place afterwards leaves the bank's search state stale.
