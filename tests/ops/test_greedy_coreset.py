@@ -33,6 +33,34 @@ def test_kernel_selects_like_reference(device, N, D, n):
     assert torch.ops.slsg.greedy_coreset(x, n, start).tolist() == reference.greedy_coreset(x, n, start).tolist()
 
 
+def clustered_int8(N, D, clusters, spread, noise_share, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, D, generator=g) * 40
+    x = centres[torch.randint(clusters, (N,), generator=g)] + spread * torch.randn(N, D, generator=g)
+    noisy = int(noise_share * N)
+    x[:noisy] = torch.rand(noisy, D, generator=g) * 250 - 125
+    return x.round().clamp(-127, 127).to(torch.int8)
+
+
+@needs_extension
+@pytest.mark.parametrize("N,D,clusters,spread,noise_share,n", [
+    (6000, 128, 50, 3.0, 0.0, 600),    # clustered like real features: the CPU kernel prunes
+    (6000, 128, 50, 3.0, 0.0, 6000),   # ... to exhaustion
+    (20000, 32, 200, 5.0, 0.3, 3000),  # clusters in noise: the kernel may switch back and forth
+    (5000, 128, 5, 0.5, 0.0, 1500),
+    (3000, 8, 3000, 0.0, 0.0, 3000),   # exact duplicates: zero distances and ties everywhere
+    (30000, 128, 30000, 0.0, 1.0, 40),  # uniform noise: no pruning, plain passes
+    (20000, 2, 1, 0.0, 1.0, 3000),      # uniform in 2-D: groups touch; the bound decides often
+    (10000, 4, 1, 0.0, 1.0, 2000),
+])
+def test_int8_kernel_selects_like_reference_on_clustered_features(N, D, clusters, spread, noise_share, n):
+    # The CPU int8 kernel skips the groups that a new centre cannot change (triangle
+    # inequality); the selection must stay the plain greedy one, ties included.
+    x = clustered_int8(N, D, clusters, spread, noise_share, seed=N + n)
+    for start in (0, N - 1):
+        assert torch.equal(torch.ops.slsg.greedy_coreset(x, n, start), reference.greedy_coreset(x, n, start))
+
+
 @needs_extension
 def test_duplicates_ties_and_exhaustion():
     # Four distinct points, each repeated: ties must go to the lowest index and, once
