@@ -207,21 +207,28 @@ class Int8Coreset {
   // out[0] = start; fills out[1..n-1].
   void run(int64_t n, int64_t start, int64_t* out) {
     int64_t center = start, center_group = 0;
+    int64_t probe_gap = kFirstProbe, next_probe = kFirstProbe;
     for (int64_t step = 1; step <= n; ++step) {
       // The centre chosen last (out[step - 1]) joins; its group's id is its selection rank.
       centers_.push_back(center);
       min_dist_[center] = -1;
       const int32_t id = static_cast<int32_t>(step - 1);
       // Pruning pays once the groups are small next to the distances between centres (with
-      // clustered features, a few dozen centres in); measured every kProbeEvery steps while
-      // off, every step while on.
-      if (!pruned_ && step > 1 && step % kProbeEvery == 0) {
+      // clustered features, a few dozen centres in); measured every step while on, and while
+      // off at probes spaced further apart each time they fail (features without structure
+      // never prune, and a probe costs a pass over the rows' groups).
+      if (!pruned_ && step == next_probe) {
         build_groups();
         pruned_ = scanned_share(center, center_group) < kEnterShare;
-        if (!pruned_) drop_groups();
+        if (!pruned_) {
+          drop_groups();
+          probe_gap = std::min(2 * probe_gap, kMaxProbeGap);
+        }
+        next_probe = step + probe_gap;
       } else if (pruned_ && scanned_share(center, center_group) > kLeaveShare) {
         pruned_ = false;
         drop_groups();
+        next_probe = step + probe_gap;
       }
       const Farthest best = pruned_ ? pruned_step(center, id) : stream_step(center, id);
       if (step == n) break;
@@ -233,7 +240,7 @@ class Int8Coreset {
   }
 
  private:
-  static constexpr int64_t kChunk = 4096, kProbeEvery = 16;
+  static constexpr int64_t kChunk = 4096, kFirstProbe = 16, kMaxProbeGap = 512;
   static constexpr double kEnterShare = 0.15, kLeaveShare = 0.4;
 
   Farthest stream_step(int64_t center, int32_t id) {
