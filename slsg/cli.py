@@ -62,7 +62,8 @@ def _dataset_kwargs(path: Path, args: argparse.Namespace,
 
     layout = detect_layout(path)
     kwargs: dict[str, Any] = {}
-    split = _split_options(args, fitted_with)
+    # Only MTD and folders are split by seed; other layouts ignore the options.
+    split = _split_options(args, fitted_with if layout in ("mtd", "folder") else None)
     if layout == "mtd":
         kwargs = {"train_ratio": split["train_ratio"], "seed": split["split_seed"]}
     elif layout == "folder":

@@ -36,8 +36,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _fsync(path: Path, directory: bool = False) -> None:
+    # A file opened for writing: Windows flushes only through a writable handle.
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if directory else os.O_RDWR
     try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+        fd = os.open(path, flags)
     except OSError:
         if directory:  # some platforms (Windows) cannot open a directory; the file is synced
             return
@@ -51,21 +53,16 @@ def _fsync(path: Path, directory: bool = False) -> None:
         os.close(fd)
 
 
-_UMASK: int | None = None
-
-
 def _umask() -> int:
-    """The process umask, read once: setting it to learn it (the only portable way) races with
-    other threads creating files, so Linux's /proc is read instead where it exists."""
-    global _UMASK
-    if _UMASK is None:
-        try:
-            with open("/proc/self/status", encoding="ascii") as status:
-                _UMASK = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
-        except (OSError, StopIteration, ValueError, IndexError):
-            _UMASK = os.umask(0o022)
-            os.umask(_UMASK)
-    return _UMASK
+    """The process umask. Setting it to learn it (the only portable way) races with other
+    threads creating files, so Linux's /proc is read instead where it exists."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

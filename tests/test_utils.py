@@ -64,3 +64,16 @@ def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert utils._umask() == mask
+
+
+def test_umask_is_read_anew_each_time(tmp_path):
+    import os
+
+    from slsg import utils
+
+    old = os.umask(0o077)
+    try:
+        utils.atomic_write_text(tmp_path / "private.txt", "x")
+        assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
