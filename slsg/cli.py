@@ -38,6 +38,7 @@ def _ratio(text: str) -> float:
 
 
 SPLIT_DEFAULTS = {"train_ratio": 0.8, "split_seed": 0}
+SEEDED_LAYOUTS = ("mtd", "folder")  # split into train and test by seed; other layouts come split
 
 
 def _split_options(args: argparse.Namespace, fitted_with: dict[str, Any] | None) -> dict[str, Any]:
@@ -56,14 +57,15 @@ def _split_options(args: argparse.Namespace, fitted_with: dict[str, Any] | None)
     return options
 
 
-def _dataset_kwargs(path: Path, args: argparse.Namespace,
-                    fitted_with: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+def _dataset_kwargs(path: Path, args: argparse.Namespace, fitted_with: dict[str, Any] | None = None
+                    ) -> tuple[str, dict[str, Any], dict[str, Any] | None]:
+    """The layout, the dataset class's kwargs and the split options (None for layouts that come
+    split, which ignore them)."""
     from slsg.data import detect_layout
 
     layout = detect_layout(path)
     kwargs: dict[str, Any] = {}
-    # Only MTD and folders are split by seed; other layouts ignore the options.
-    split = _split_options(args, fitted_with if layout in ("mtd", "folder") else None)
+    split = _split_options(args, fitted_with) if layout in SEEDED_LAYOUTS else None
     if layout == "mtd":
         kwargs = {"train_ratio": split["train_ratio"], "seed": split["split_seed"]}
     elif layout == "folder":
@@ -71,7 +73,7 @@ def _dataset_kwargs(path: Path, args: argparse.Namespace,
                   "test_normal_ratio": round(1.0 - split["train_ratio"], 10), "seed": split["split_seed"]}
     if layout != "folder" and (args.abnormal or args.masks):
         raise CliError(f"--abnormal and --masks are for a folder of normal images; {path} is a {layout} dataset")
-    return layout, kwargs
+    return layout, kwargs, split
 
 
 def _dataset_description(path: Path, layout: str, kwargs: dict[str, Any], test, image_size: int,
@@ -162,7 +164,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from slsg.detectors import MemoryBankConfig, MemoryBankDetector
 
     data, out = Path(args.data), _out_folder(args.out)
-    layout, kwargs = _dataset_kwargs(data, args)
+    layout, kwargs, split = _dataset_kwargs(data, args)
     weights = None if args.weights == "none" else args.weights
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
                               coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
@@ -170,14 +172,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                               bit_depth=args.bit_depth)
     detector = MemoryBankDetector(config, progress=not args.quiet)
     train = open_dataset(data, "train", image_size=detector.dataset_image_size, bit_depth=args.bit_depth, **kwargs)
-    if layout in ("mtd", "folder"):  # seeded splits: `slsg test` must rebuild the same one
-        split = _split_options(args, None)
     # Opened before the fit, so a broken test layout fails in seconds, not after it.
     test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, **kwargs).split_record()
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
-    if layout in ("mtd", "folder"):
+    if split is not None:  # seeded: `slsg test` must rebuild the same split
         detector.fit_info["split"] = split
     detector.save(out / "model")
     # The evaluation of a model this one replaces would no longer describe the model here.
@@ -201,7 +201,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector = load_detector(model_dir)
     detector.progress = not args.quiet
     data = Path(args.data)
-    layout, kwargs = _dataset_kwargs(data, args, detector.fit_info.get("split"))
+    layout, kwargs, _ = _dataset_kwargs(data, args, detector.fit_info.get("split"))
     out = _out_folder(args.out) if args.out else model_dir.parent if model_dir.name == "model" else model_dir
     _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
     return 0
@@ -232,7 +232,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from slsg.data.io import resize_image
     from slsg.detectors import load_detector
     from slsg.detectors.evaluation import resize_map
-    from slsg.report import heat_window, overlay_heatmap, save_png
+    from slsg.report import heat_window, overlay_heatmap, save_png, unique_name
     from slsg.utils import atomic_write_text
 
     out = _out_folder(args.out) if args.out else None
@@ -240,11 +240,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths = _expand_images(args.images)
     size = detector.dataset_image_size
     threshold = detector.image_threshold
+    bit_depth = getattr(detector.config, "bit_depth", None)
     records: list[dict[str, Any]] = []
     used_names: set[str] = set()
     for start in range(0, len(paths), args.batch_size):
         chunk = paths[start:start + args.batch_size]
-        originals = [load_image(p, getattr(detector.config, "bit_depth", None)) for p in chunk]
+        originals = [load_image(p, bit_depth) for p in chunk]
         scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
         for path, original, score, amap in zip(chunk, originals, scores.tolist(), maps):
             verdict = None if threshold is None else bool(score >= threshold)
@@ -256,11 +257,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 window = heat_window(threshold, [np.asarray(full)])
                 caption = f"{path.name}: score {score:.3g}" + ("" if verdict is None else
                                                                (" -> anomalous" if verdict else " -> normal"))
-                name, n = f"{path.stem}_heatmap.png", 1
-                while name in used_names:  # same file name in different folders
-                    n += 1
-                    name = f"{path.stem}_{n}_heatmap.png"
-                used_names.add(name)
+                name = unique_name(lambda n: f"{path.stem}_heatmap.png" if n == 1 else f"{path.stem}_{n}_heatmap.png",
+                                   used_names)
                 records[-1]["heatmap"] = name
                 save_png(overlay_heatmap(original, full, window, None, threshold, caption), out / name)
     if out is not None:

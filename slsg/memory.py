@@ -19,7 +19,7 @@ import torch
 from . import ops
 from .ops import reference
 from .ops._validate import check_int, check_tensor
-from .utils import all_finite, atomic_path, squared_norms_fit_float32
+from .utils import abs_peak, all_finite, atomic_path, squared_norms_fit_float32
 
 BACKENDS = ("auto", "kernel", "faiss", "torch")
 INDEX_TYPES = ("flat", "ivfpq")
@@ -155,11 +155,12 @@ class MemoryBank:
             raise ValueError(f"MemoryBank: index {self.index_config.kind!r} is searched with backend 'faiss', not {backend!r}")
         x = x.detach().to(device=self.features.device, dtype=torch.float32)
         # Every backend rejects them alike (faiss would return index -1, torch NaN).
-        if not all_finite(x):
+        peak = abs_peak(x)
+        if not math.isfinite(peak):
             raise ValueError("MemoryBank.search: queries contain NaN or Inf")
-        if not squared_norms_fit_float32(x):
+        if not squared_norms_fit_float32(x, peak):
             raise ValueError("MemoryBank.search: queries are too large for float32 search (squared norms "
-                             f"overflow, |value| up to {float(x.abs().max()):.3g}); rescale them")
+                             f"overflow, |value| up to {peak:.3g}); rescale them")
         if self._origin is not None:
             x = x - self._origin
         if backend == "kernel":

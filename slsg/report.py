@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -232,6 +232,16 @@ def save_png(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
+def unique_name(name_for: Callable[[int], str], used: set[str]) -> str:
+    """``name_for(1)``, or ``name_for(2)``, ``name_for(3)``, ... when taken (the same file name in
+    two folders); the name returned is added to ``used``."""
+    n = 1
+    while name_for(n) in used:
+        n += 1
+    used.add(name_for(n))
+    return name_for(n)
+
+
 def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth: int | None = None) -> list[Path]:
     """Overlays of the first ``per_type`` test images of each defect type (and of the good ones).
     The folder is the report's own: overlays of an earlier report there are removed."""
@@ -254,12 +264,8 @@ def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth
                 verdict = " -> anomalous" if ev.scores[i] >= ev.threshold else " -> normal"
             caption = f"{defect} {path.name}: score {ev.scores[i]:.3g}{verdict}"
             panel = overlay_heatmap(load_image(path, bit_depth), ev.maps[i], window, ev.masks[i], ev.threshold, caption)
-            name, n = f"{_safe(defect)}_{_safe(path.stem)}.png", 1
-            while name in used:  # the same file name in two sub-folders
-                n += 1
-                name = f"{_safe(defect)}_{_safe(path.stem)}_{n}.png"
-            used.add(name)
-            out = directory / name
+            base = f"{_safe(defect)}_{_safe(path.stem)}"
+            out = directory / unique_name(lambda n: f"{base}.png" if n == 1 else f"{base}_{n}.png", used)
             save_png(panel, out)
             written.append(out)
     return written

@@ -74,6 +74,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def abs_peak(t: torch.Tensor) -> float:
+    """max |t| in one aminmax pass (NaN or Inf carry into it); 0 for empty or non-float tensors."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(t)
+    return max(abs(float(low)), abs(float(high)))
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether a tensor holds no NaN or Inf, in one pass and without temporaries.
 
@@ -90,14 +98,14 @@ def all_finite(t: torch.Tensor) -> bool:
 _FLOAT32_NORM_LIMIT = torch.finfo(torch.float32).max / 4
 
 
-def squared_norms_fit_float32(t: torch.Tensor, chunk: int = 65536) -> bool:
+def squared_norms_fit_float32(t: torch.Tensor, peak: float | None = None, chunk: int = 65536) -> bool:
     """Whether every row's squared norm ||t_i||^2 fits comfortably in float32 (no overflow in a
-    distance computed as ||x||^2 + ||c||^2 - 2 x.c). One min/max pass; rows are summed exactly
-    (float64, in chunks) only when the largest value could overflow."""
+    distance computed as ||x||^2 + ||c||^2 - 2 x.c). ``peak``: ``abs_peak(t)`` when the caller
+    has it, else one pass finds it; rows are summed exactly (float64, in chunks) only when the
+    largest value could overflow."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
-    low, high = torch.aminmax(t)
-    peak = max(abs(float(low)), abs(float(high)))
+    peak = abs_peak(t) if peak is None else peak
     if not math.isfinite(peak):
         return False
     if peak * peak * t.shape[-1] <= _FLOAT32_NORM_LIMIT:

@@ -204,8 +204,9 @@ class Int8Coreset {
     centers_.reserve(n);
   }
 
-  // out[0] = start; fills out[1..n-1].
+  // The selection order, start first, into out[0..n-1].
   void run(int64_t n, int64_t start, int64_t* out) {
+    out[0] = start;
     int64_t center = start, center_group = 0;
     int64_t probe_gap = kFirstProbe, next_probe = kFirstProbe;
     for (int64_t step = 1; step <= n; ++step) {
@@ -367,9 +368,7 @@ at::Tensor greedy_coreset_cpu(const at::Tensor& x_in, int64_t n, int64_t start) 
               "greedy_coreset: x contains NaN or Inf");
   at::Tensor selected = at::empty({n}, x.options().dtype(at::kLong));
   if (dtype == at::kChar && x.size(0) < std::numeric_limits<int32_t>::max()) {
-    int64_t* out = selected.data_ptr<int64_t>();
-    out[0] = start;
-    Int8Coreset(x, n).run(n, start, out);
+    Int8Coreset(x, n).run(n, start, selected.data_ptr<int64_t>());
     return selected;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kChar, x.scalar_type(), "greedy_coreset_cpu",

@@ -72,12 +72,13 @@ def _wide_to_unit(array: np.ndarray, mode: str, bit_depth: int | None = None) ->
     if mode == "F":
         # Float images carry no declared range: [0, 1] when they fit, else 8-bit values.
         return np.clip(array if array.max(initial=0.0) <= 1.0 else array / 255.0, 0.0, 1.0)
-    top = 65535.0 if bit_depth is None else float(2 ** bit_depth - 1)
-    peak = array.max(initial=0.0)
-    if bit_depth is not None and peak > top:
+    if bit_depth is None:
+        return np.clip(array / 65535.0, 0.0, 1.0)
+    top, peak = float(2 ** bit_depth - 1), array.max(initial=0.0)
+    if peak > top:
         raise ValueError(f"values up to {peak:.0f} exceed the {bit_depth}-bit range 0-{top:.0f} "
                          f"(bit_depth={bit_depth}); pass the camera's real bit depth")
-    return np.clip(array / top, 0.0, 1.0)
+    return np.clip(array / top, 0.0, 1.0)  # mode I is signed
 
 
 def to_rgb(image: Image.Image, bit_depth: int | None = None) -> Image.Image:
