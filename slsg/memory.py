@@ -25,6 +25,12 @@ BACKENDS = ("auto", "kernel", "faiss", "torch")
 INDEX_TYPES = ("flat", "ivfpq")
 FILE_NAME = "memory_bank.npz"
 FORMAT_VERSION = 1
+_EXTRA_CANDIDATES = 8  # candidates beyond k that exact search ranks in float64
+_MAX_CANDIDATES = 256  # beyond this, a query is compared with every row
+_RERANK_ELEMENTS = 1 << 22  # float64 elements per re-ranking chunk (32 MiB)
+_ABSOLUTE_ERROR = 2 * 2.0 ** -126  # per term, for subnormal values flushed to zero
+_FLOAT64_ERROR = 2 * 2.0 ** -53  # per term of a float64 value (doubled: see _relative_error)
+_SHIFT_ERROR = 4 * 2.0 ** -24  # float32 rounding of x - origin and c - origin
 
 
 @dataclass
@@ -66,10 +72,11 @@ class MemoryBank:
     Backends: "kernel" (slsg.ops.sphere_distance, compiled or reference), "faiss",
     "torch" (the pure-PyTorch reference), "auto" (kernel for exact search, faiss for
     IVF-PQ). Exact backends return the same neighbours. They compute ||x||^2 + ||c||^2 - 2 x.c
-    in float32 (like faiss's BLAS path and torch.cdist), searching relative to the bank's mean
-    when one common offset dominates the features; where the features' norms still dwarf the
-    distances between neighbours (several clusters far apart, e.g. 100 times their spread),
-    float32 rounding can swap near neighbours.
+    in float32 (like torch.cdist), searching relative to the bank's mean when one common offset
+    dominates the features, to pick candidates; the candidates within that computation's
+    rounding bound are then ranked by float64 differences, so the neighbours are the true
+    ones even where the features' norms dwarf the distances between neighbours (several
+    clusters far apart), and ties go to the lowest row.
 
     Float32 features already on ``device`` are kept without a copy (banks can be large):
     modifying them in place afterwards leaves the bank's search state stale.
@@ -107,6 +114,7 @@ class MemoryBank:
         # What the exact backends search: the features relative to the origin (a shift leaves
         # every distance unchanged). A second copy only for offset-dominated banks.
         self._searched = self.features if self._origin is None else self.features - self._origin
+        self._reach = _max_row_norm(self._searched)  # bounds the float32 rounding of exact search
 
     @classmethod
     def build(
@@ -161,13 +169,89 @@ class MemoryBank:
         if not squared_norms_fit_float32(x, peak):
             raise ValueError("MemoryBank.search: queries are too large for float32 search (squared norms "
                              f"overflow, |value| up to {peak:.3g}); rescale them")
-        if self._origin is not None:
-            x = x - self._origin
+        shifted = x - self._origin if self._origin is not None else x
         if backend == "kernel":
-            return ops.sphere_distance(x, self._searched, k=k)
-        if backend == "torch":
-            return reference.sphere_distance(x, self._searched, k=k)
-        return self._faiss_search(x, k)
+            search = lambda q, n: ops.sphere_distance(q, self._searched, k=n)  # noqa: E731
+        elif backend == "torch":
+            search = lambda q, n: reference.sphere_distance(q, self._searched, k=n)  # noqa: E731
+        else:
+            search = self._faiss_search
+        if approximate:
+            return search(shifted, k)
+        return self._exact_search(x, shifted, k, search, relative_error=_relative_error(backend, x, self.dim))
+
+    # -- exact search ----------------------------------------------------------------------
+    def _exact_search(self, x, shifted, k, search, relative_error):
+        """The true k nearest rows: a search of values ||x||^2 + ||c||^2 - 2 x.c picks
+        candidates, float64 differences rank them.
+
+        Each float32 value is within e = relative_error (||x|| + max ||c||)^2 of the exact
+        distance (of the searched vectors, relative to the origin). With T the k-th smallest
+        value, every true neighbour scores at most T + 2e, so when the last of the kc
+        candidates scores more than that, none is missing. Queries short of it search again
+        with 4 times the candidates, then in float64 (clusters far apart, whose norms dwarf
+        the distances between neighbours), and in the end against every row."""
+        m = x.shape[0]
+        dist = torch.empty(m, k, dtype=torch.float32, device=x.device)
+        index = torch.empty(m, k, dtype=torch.long, device=x.device)
+        rows = torch.arange(m, device=x.device)
+        reach = shifted.double().norm(dim=1) + self._reach
+        absolute = _ABSOLUTE_ERROR * self.dim * (reach + 2)  # subnormal terms flushed to zero
+        # Searching relative to the origin rounds x - origin and c - origin in float32 once.
+        shift = _SHIFT_ERROR if self._origin is not None else 0.0
+        levels = ((search, relative_error + shift),
+                  (self._float64_search, _FLOAT64_ERROR * (self.dim + 8) + shift))
+        for level_search, error in levels:
+            for kc in (k + _EXTRA_CANDIDATES, 4 * (k + _EXTRA_CANDIDATES)):
+                if not rows.numel():
+                    return dist, index
+                kc = min(kc, len(self))
+                values, candidates = level_search(shifted[rows], kc)
+                dist[rows], index[rows] = self._rerank(x[rows], candidates, k)
+                if kc == len(self):
+                    return dist, index
+                threshold = values[:, k - 1].double() + 2 * (error * reach[rows].square() + absolute[rows])
+                rows = rows[values[:, kc - 1].double() <= threshold]
+        if rows.numel():
+            dist[rows], index[rows] = self._brute_force(x[rows], k)
+        return dist, index
+
+    def _float64_search(self, shifted, kc):
+        """The kc smallest float64 values ||x||^2 + ||c||^2 - 2 x.c, by chunks of the bank."""
+        queries = shifted.double()
+        chunk = max(kc, _RERANK_ELEMENTS // self.dim)
+        best_v = best_i = None
+        for start in range(0, len(self), chunk):
+            block = self._searched[start:start + chunk].double()
+            v, i = ops.sphere_distance(queries, block, k=min(kc, block.shape[0]))
+            best_v, best_i = _merge_smallest(best_v, best_i, v, i + start, kc)
+        return best_v, best_i
+
+    def _rerank(self, x, candidates, k):
+        """The k nearest of each query's candidate rows [M, kc] by float64 differences; ties
+        go to the lowest row."""
+        m, kc = candidates.shape
+        dist = torch.empty(m, k, dtype=torch.float32, device=x.device)
+        index = torch.empty(m, k, dtype=torch.long, device=x.device)
+        step = max(1, _RERANK_ELEMENTS // (kc * self.dim))
+        for start in range(0, m, step):
+            cand = candidates[start:start + step].sort(dim=1).values  # index order: stable ties
+            diff = x[start:start + step, None, :].double() - self.features[cand].double()
+            d, order = diff.square_().sum(-1).sort(dim=1, stable=True)
+            dist[start:start + step] = d[:, :k].float()
+            index[start:start + step] = cand.gather(1, order[:, :k])
+        return dist, index
+
+    def _brute_force(self, x, k):
+        """The k nearest rows by float64 differences against every row, in chunks."""
+        best_v = best_i = None
+        chunk = max(k, _RERANK_ELEMENTS // (x.shape[0] * self.dim))
+        for start in range(0, len(self), chunk):
+            block = self.features[start:start + chunk].double()
+            d = (x[:, None, :].double() - block[None]).square_().sum(-1)
+            ids = torch.arange(start, start + block.shape[0], device=x.device).expand_as(d)
+            best_v, best_i = _merge_smallest(best_v, best_i, d, ids, k)
+        return best_v.float(), best_i
 
     # -- faiss ---------------------------------------------------------------------------
     def _faiss_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +349,24 @@ class MemoryBank:
         return bank
 
 
+def _relative_error(backend: str, x: torch.Tensor, dim: int) -> float:
+    """A bound on the relative error of a float32 value ||x||^2 + ||c||^2 - 2 x.c, relative
+    to (||x|| + ||c||)^2: D + 8 roundings of 2^-24 each (any summation order), doubled for
+    safety; 2^-8 for torch matmuls on CUDA, which may run in TF32 (10 mantissa bits)."""
+    if backend == "torch" and x.is_cuda:
+        return 2.0 ** -8
+    return 2.0 * (dim + 8) * 2.0 ** -24
+
+
+def _merge_smallest(best_v, best_i, v, i, n):
+    """The n smallest of two candidate lists [M, *]; the first list holds the lower indices,
+    so on equal values its entries come first."""
+    if best_v is not None:
+        v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+    v, order = v.sort(dim=1, stable=True)
+    return v[:, :n], i.gather(1, order[:, :n])
+
+
 def _search_origin(features: torch.Tensor, chunk: int = 65536) -> torch.Tensor | None:
     """The bank's mean when the features share an offset much larger than their spread, else None.
 
@@ -283,6 +385,12 @@ def _search_origin(features: torch.Tensor, chunk: int = 65536) -> torch.Tensor |
     offset = mean.square().sum()
     spread = (squares / n - offset).clamp_min(0)  # mean squared distance to the mean
     return mean.float() if offset > 16 * spread else None
+
+
+def _max_row_norm(features: torch.Tensor, chunk: int = 65536) -> float:
+    """max_i ||features_i||, in float64 by chunks (no float64 copy of the bank)."""
+    return max(float(features[start:start + chunk].double().norm(dim=1).max())
+               for start in range(0, features.shape[0], chunk))
 
 
 def _bank_file(path: str | os.PathLike) -> Path:

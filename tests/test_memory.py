@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from slsg import MemoryBank
+from slsg import memory as memory_module
+from slsg import ops as slsg_ops
 from slsg.memory import IndexConfig
 
 
@@ -181,3 +183,63 @@ def test_features_or_queries_too_large_for_float32_are_refused():
         with pytest.raises(ValueError, match="queries are too large for float32 search"):
             bank.search(torch.randn(2, 8) * 1e19, backend=backend)
     assert bank.search(torch.randn(2, 8) * 1e17)[1].shape == (2, 1)  # large but within range
+
+
+def _far_apart_clusters(seed, dim=64, distance=100.0, spread=1.0):
+    """Four tight clusters `distance` apart: the features' norms dwarf the distances between
+    neighbours, where float32 ||x||^2 + ||c||^2 - 2 x.c swaps neighbours (at spread 0.1 its
+    rounding exceeds the distances themselves)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(4, dim, generator=g)
+    centres = centres / centres.norm(dim=1, keepdim=True) * distance
+    noise = spread / dim ** 0.5
+    features = centres[torch.randint(4, (3000,), generator=g)] + noise * torch.randn(3000, dim, generator=g)
+    queries = centres[torch.randint(4, (300,), generator=g)] + noise * torch.randn(300, dim, generator=g)
+    return features, queries
+
+
+@pytest.mark.parametrize("spread", [1.0, 0.1])
+@pytest.mark.parametrize("backend", ["kernel", "torch", "faiss"])
+def test_search_finds_true_neighbours_of_clusters_far_apart(backend, spread):
+    # Before float64 re-ranking, kernel and torch got 85 of 400 such queries wrong at k=5
+    # (spread 1). At spread 0.1 the k + 8 float32 candidates miss them too: the float32
+    # rounding bound must send those queries on to the float64 search.
+    features, queries = _far_apart_clusters(seed=3, spread=spread)
+    truth = torch.cdist(queries.double(), features.double()).square().topk(5, largest=False)
+    bank = MemoryBank(features)
+    assert bank._origin is None  # no common offset: the mean does not help here
+    dist, idx = bank.search(queries, 5, backend=backend)
+    assert torch.equal(idx, truth.indices)
+    torch.testing.assert_close(dist.double(), truth.values, rtol=1e-6, atol=1e-12)
+
+
+def test_float32_values_alone_miss_those_neighbours():
+    # The case above really needs the re-ranking: the op's own float32 ranking is wrong.
+    for spread in (1.0, 0.1):
+        features, queries = _far_apart_clusters(seed=3, spread=spread)
+        truth = torch.cdist(queries.double(), features.double()).square().topk(5, largest=False)
+        _, idx = slsg_ops.sphere_distance(queries, features, k=5)
+        assert (idx != truth.indices).any(1).sum() > 10
+    _, idx = slsg_ops.sphere_distance(queries, features, k=13)  # the first candidates at k=5
+    missed = sum(not set(t.tolist()) <= set(c.tolist()) for t, c in zip(truth.indices, idx))
+    assert missed > 200
+
+
+def test_search_ties_go_to_the_lowest_row_and_every_fallback_is_exact(monkeypatch):
+    features, queries = _far_apart_clusters(seed=4, dim=24)
+    features = torch.cat([features, features[:100]])  # rows 3000-3099 duplicate rows 0-99
+    queries = torch.cat([queries, features[:20]])
+    # Differences, not cdist: its float64 products can split the duplicates' exact ties.
+    truth = (queries.double()[:, None] - features.double()[None]).square().sum(-1).sort(dim=1, stable=True)
+    bank = MemoryBank(features)
+    expected = bank.search(queries, 4)
+    assert torch.equal(expected[1], truth.indices[:, :4])
+    # A query equal to row j < 20 finds row j, then its duplicate 3000 + j.
+    assert torch.equal(expected[1][-20:, :2], torch.stack([torch.arange(20), torch.arange(3000, 3020)], 1))
+    # Bounds so loose that every query falls through to float64, then to the brute force.
+    monkeypatch.setattr(memory_module, "_FLOAT64_ERROR", 1.0)
+    monkeypatch.setattr(memory_module, "_relative_error", lambda *args: 1.0)
+    for backend in ("kernel", "torch", "faiss"):
+        dist, idx = bank.search(queries, 4, backend=backend)
+        assert torch.equal(idx, expected[1]), backend
+        torch.testing.assert_close(dist, expected[0], rtol=1e-6, atol=1e-9)
