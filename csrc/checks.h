@@ -1,6 +1,7 @@
 // Argument checks shared by the CPU and CUDA kernels. The Python layer gives friendlier
 // messages first; these guard direct C++ / torch.ops callers.
 #pragma once
+#include <cmath>
 #include <ATen/ATen.h>
 
 namespace slsg {
@@ -31,8 +32,19 @@ inline void check_sphere_distance_args(const at::Tensor& x, const at::Tensor& ce
 
 inline void check_topk_mean_args(const at::Tensor& scores, int64_t k) {
   TORCH_CHECK(scores.dim() == 2, "topk_mean: scores must be 2-D [B, L], got ", scores.sizes());
+  TORCH_CHECK(at::isFloatingType(scores.scalar_type()), "topk_mean: scores must be floating point, got ",
+              scores.scalar_type());
   TORCH_CHECK(k >= 1 && k <= scores.size(1), "topk_mean: k must be in [1, L=", scores.size(1),
               "], got ", k);
+}
+
+// ||x||^2 + ||c||^2 - 2 x.c lies within (||x|| + ||c||)^2: when that fits the accumulation
+// type, no value overflows (an overflowing value would rank as +inf with an arbitrary index).
+inline void check_expansion_fits(double max_x_norm_sq, double max_center_norm_sq, double limit) {
+  const double reach = std::sqrt(max_x_norm_sq) + std::sqrt(max_center_norm_sq);
+  TORCH_CHECK(reach * reach <= limit, "sphere_distance: x and centers are too large for this dtype "
+              "(||x||^2 + ||c||^2 - 2 x.c overflows: max ||x||^2 = ", max_x_norm_sq, ", max ||c||^2 = ",
+              max_center_norm_sq, "); rescale them");
 }
 
 inline void check_greedy_coreset_args(const at::Tensor& x, int64_t n, int64_t start) {
@@ -84,8 +96,9 @@ inline void check_knn_graph_args(const at::Tensor& x, int64_t k, int64_t dilatio
   const int64_t N = x.size(1), candidates = include_self ? N : N - 1;
   TORCH_CHECK(k >= 1 && dilation >= 1, "knn_graph: k and dilation must be >= 1, got k=", k,
               ", dilation=", dilation);
-  TORCH_CHECK(N == 0 || k * dilation <= candidates, "knn_graph: k * dilation = ", k * dilation,
-              " exceeds the ", candidates, " candidate neighbours (N=", N,
+  // Divided, not multiplied: k * dilation can overflow int64 for a direct op call.
+  TORCH_CHECK(N == 0 || (k <= candidates && dilation <= candidates / k), "knn_graph: k * dilation = ",
+              k, " * ", dilation, " exceeds the ", candidates, " candidate neighbours (N=", N,
               include_self ? ")" : ", self excluded)");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == N && bias->size(1) == N,

@@ -711,11 +711,36 @@ bool normalize_rows(const at::Tensor& x, at::Tensor& xn) {
   const scalar_t* xd = x.data_ptr<scalar_t>();
   scalar_t* od = xn.data_ptr<scalar_t>();
   std::atomic<bool> finite{true};
+  // Beyond this the norm does not fit scalar_t (or the double sum overflows).
+  const double max_sum = std::is_same_v<scalar_t, float>
+                             ? static_cast<double>(std::numeric_limits<float>::max()) * std::numeric_limits<float>::max()
+                             : std::numeric_limits<double>::max();
   at::parallel_for(0, R, 64, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> scaled;
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = xd + r * C;
-      const double sum = sum_of_squares(row, C);
-      if (!std::isfinite(sum)) finite = false;  // a NaN or Inf anywhere in the row shows here
+      double sum = sum_of_squares(row, C);
+      if (!(sum <= max_sum)) {
+        // A NaN or Inf anywhere in the row shows in its sum; a finite row this large is
+        // scaled by a power of two (exact; cosine similarity ignores the scale), as the
+        // reference does.
+        double peak = 0.0;
+        bool row_finite = true;
+        for (int64_t c = 0; c < C; ++c) {
+          const double a = std::abs(static_cast<double>(row[c]));
+          row_finite = row_finite && std::isfinite(a);
+          peak = std::max(peak, a);
+        }
+        if (!row_finite) {
+          finite = false;
+          continue;
+        }
+        scaled.resize(C);
+        const int shift = std::ilogb(peak) + 1;  // peak * 2^-shift < 1
+        for (int64_t c = 0; c < C; ++c) scaled[c] = std::ldexp(row[c], -shift);
+        row = scaled.data();
+        sum = sum_of_squares(row, C);
+      }
       const scalar_t norm = static_cast<scalar_t>(std::max(std::sqrt(sum), kCosineEps));
       divide_row(row, C, norm, od + r * C);
     }

@@ -676,6 +676,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
                 B * H, ", Nq = ", Nq, ", Nk = ", Nk, ", got ", scores_in->scalar_type(), " ", scores_in->sizes());
     check_same_device("dense_graph_attention_backward", "scores", *scores_in, q_in);
   }
+  // Batch items add into the bias gradient in whatever order the threads reach it.
+  if (bias_grad && B > 1 && at::get_num_threads() > 1)
+    at::globalContext().alertNotDeterministic("dense_graph_attention_backward_cpu (bias gradient)");
   const auto dtype = q_in.scalar_type();
   const auto [q, k, v] = flat_qkv(q_in, shared_qk ? q_in : k_in, v_in);
   const at::Tensor scores = kept ? scores_in->detach().contiguous() : at::Tensor();

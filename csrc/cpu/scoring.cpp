@@ -166,6 +166,9 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sphere_distance_cpu", [&] {
     // ||c||^2 - r^2 is all the kernel needs per centre; r^2 alone serves the clamp.
     at::Tensor center_offset = squared_row_norms<scalar_t>(centers, "centers contain");
+    check_expansion_fits(static_cast<double>(squared_row_norms<scalar_t>(x, "x contains").max().item<scalar_t>()),
+                         static_cast<double>(center_offset.max().item<scalar_t>()),
+                         static_cast<double>(std::numeric_limits<scalar_t>::max()));
     at::Tensor radius_sq;
     if (radii.has_value()) {
       radius_sq = radii->detach().to(x.scalar_type()).contiguous().square();

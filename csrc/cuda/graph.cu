@@ -71,7 +71,14 @@ at::Tensor knn_graph_cuda(const at::Tensor& x_in, int64_t k, int64_t dilation,
   const auto acc = accumulation_type(x_in.scalar_type());
   const at::Tensor x = x_in.detach().to(acc);
   TORCH_CHECK(at::isfinite(x).all().item<bool>(), "knn_graph: x contains NaN or Inf");
-  const at::Tensor xn = (x / at::linalg_vector_norm(x, 2, {-1}, true).clamp_min(kCosineEps)).contiguous();
+  // Rows whose squared norm could overflow are scaled by a power of two (exact; cosine
+  // similarity ignores the scale), as the reference does.
+  const at::Tensor peak = x.abs().amax(-1, true);
+  const double limit = std::ldexp(1.0, 62) / std::sqrt(static_cast<double>(x.size(2)));
+  at::Tensor xs = x;
+  if (peak.gt(limit).any().item<bool>())
+    xs = at::where(peak.gt(limit), x * at::exp2(-at::ceil(at::log2(peak))), x);
+  const at::Tensor xn = (xs / at::linalg_vector_norm(xs, 2, {-1}, true).clamp_min(kCosineEps)).contiguous();
   at::Tensor bias;
   if (bias_in.has_value()) {
     bias = bias_in->detach().to(acc).contiguous();
@@ -89,7 +96,10 @@ at::Tensor knn_graph_cuda(const at::Tensor& x_in, int64_t k, int64_t dilation,
     for (int64_t r0 = 0; r0 < N; r0 += R) {
       const int64_t r = std::min(R, N - r0);
       at::Tensor S = sims.narrow(0, 0, g * N * r).view({g, N, r});
-      at::bmm_out(S, xg, xg.narrow(1, r0, r).transpose(1, 2));  // S[g, j, rr] = x_j . x_{r0+rr}
+      {
+        const at::NoTF32Guard exact;  // neighbours must not depend on torch's TF32 setting
+        at::bmm_out(S, xg, xg.narrow(1, r0, r).transpose(1, 2));  // S[g, j, rr] = x_j . x_{r0+rr}
+      }
       if (bias.defined()) S.add_(bias.narrow(0, r0, r).t().unsqueeze(0));
       AT_DISPATCH_FLOATING_TYPES(acc, "knn_graph_cuda", [&] {
         knn_select_kernel<scalar_t><<<blocks_for(g * r, kThreads), kThreads, 0, stream>>>(
@@ -184,6 +194,7 @@ at::Tensor max_relative_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const at::Tensor x = x_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  at::globalContext().alertNotDeterministic("max_relative_backward_cuda (atomic adds)");
   at::Tensor grad_acc = at::zeros(x.sizes(), x.options().dtype(accumulation_type(x.scalar_type())));
   const int64_t total = x.numel();
   if (total == 0) return grad_acc.to(x.scalar_type());

@@ -348,6 +348,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_graph_attentio
   const int64_t B = q_in.size(0), H = q_in.size(1), N = q_in.size(2), D = q_in.size(3);
   const int64_t Dv = v_in.size(3), K = index_in.size(2), rows = B * H * N;
   check_sparse_attention_backward_args(grad_out_in, lse_in, q_in, v_in);
+  at::globalContext().alertNotDeterministic("sparse_graph_attention_backward_cuda (atomic adds)");
   const auto dtype = q_in.scalar_type();
   const auto acc = accumulation_type(dtype);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
@@ -653,6 +654,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   const int64_t B = q_in.size(0), H = q_in.size(1), Nq = q_in.size(2), D = q_in.size(3);
   const int64_t Nk = k_in.size(2), Dv = v_in.size(3);
   check_dense_attention_backward_args(grad_out_in, out_in, lse_in, q_in, v_in);
+  // The bias gradient sums the batch with atomic adds.
+  if (bias_grad && B > 1) at::globalContext().alertNotDeterministic("dense_graph_attention_backward_cuda (bias gradient)");
   const auto dtype = q_in.scalar_type();
   const auto acc = accumulation_type(dtype);
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();

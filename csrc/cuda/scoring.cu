@@ -486,6 +486,9 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cuda(const at::Tensor& x_in,
   TORCH_CHECK(at::isfinite(x_norm).all().item<bool>(), "sphere_distance: x contains NaN or Inf");
   TORCH_CHECK(at::isfinite(center_norm).all().item<bool>(),
               "sphere_distance: centers contain NaN or Inf");
+  check_expansion_fits(x_norm.max().item<double>(), center_norm.max().item<double>(),
+                       acc == at::kDouble ? std::numeric_limits<double>::max()
+                                          : static_cast<double>(std::numeric_limits<float>::max()));
   bank.offset = center_norm;
   if (radii.has_value()) {
     bank.radius_sq = radii->to(acc).contiguous().square();

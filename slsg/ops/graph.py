@@ -101,7 +101,10 @@ def knn_graph(
     For ``x [B, N, C]`` returns ``index [B, N, k]`` (int64): for each node, its
     ``k * dilation`` most similar nodes by ``cos(x_i, x_j) + bias[i, j]`` in descending order,
     keeping every ``dilation``-th (positions 0, d, 2d, ...). ``bias [N, N]`` is an optional
-    additive term (e.g. a relative-position prior). Ties go to the lowest index. Without
+    additive term (e.g. a relative-position prior). Ties of equal computed similarities go to
+    the lowest index; in float64 (and in the reference) the similarities come from BLAS
+    products, which can round duplicate rows differently in the last bit, so duplicates may
+    rank in either order there (the float32 CPU kernel computes them alike). Without
     ``include_self`` a node is never its own neighbour. Memory is bounded by blocking (no
     [B, N, N] tensor). Not differentiable (the result is an index). On CUDA,
     ``backend="auto"`` runs the blocked reference (faster there, same result) unless TF32

@@ -39,10 +39,11 @@ def knn_graph(
     acc = accumulation_dtype(x.dtype)
     x = x.to(acc)
     peak = x.abs().amax(-1, keepdim=True)
-    if bool((peak > 2.0**60).any()):
-        # The norms of rows this large overflow in float32; cosine similarity ignores a row's
-        # scale, and a power of two rescales it exactly.
-        x = x * torch.where(peak > 2.0**60, torch.exp2(-torch.ceil(torch.log2(peak))), torch.ones_like(peak))
+    # C * peak^2 <= 2^124 keeps the squared norm within float32; larger rows are scaled by a
+    # power of two (exact; cosine similarity ignores a row's scale).
+    limit = 2.0**62 / math.sqrt(x.shape[-1])
+    if bool((peak > limit).any()):
+        x = x * torch.where(peak > limit, torch.exp2(-torch.ceil(torch.log2(peak))), torch.ones_like(peak))
     xn = F.normalize(x, dim=-1, eps=COSINE_EPS)
     span = k * dilation
     out = torch.empty((B, N, k), dtype=torch.long, device=x.device)

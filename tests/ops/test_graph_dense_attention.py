@@ -518,3 +518,22 @@ def test_backward_op_rejects_gradient_and_statistics_of_the_wrong_shape(device):
     if device == "cuda":
         with pytest.raises(RuntimeError, match=r"out on cpu, expected cuda"):
             backward(out, q, k, v, bias, out.cpu(), lse, None, 0.5, False)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_bias_gradient_over_a_batch_is_flagged_nondeterministic(device):
+    # Batch items add into the shared [H, N, N] bias gradient in thread (CPU) or atomic (CUDA)
+    # order; torch.use_deterministic_algorithms must hear about it.
+    if device == "cpu" and (not graph_ops.EXTENSION_LOADED or torch.get_num_threads() < 2):
+        pytest.skip("the CPU kernel is deterministic on one thread (or not compiled)")
+    g = generator(41)
+    q, k, v = (torch.randn(2, 2, 20, 8, generator=g).to(device).requires_grad_() for _ in range(3))
+    bias = torch.randn(2, 20, 20, generator=g).to(device).requires_grad_()
+    out = ops.dense_graph_attention(q, k, v, bias, backend=kernel_backend(device))
+    old = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(old)

@@ -8,7 +8,7 @@ from slsg import ops
 from slsg.ops import graph_reference
 
 from .graph_helpers import generator, kernel_backend, peak_rss_increase_mib
-from .helpers import devices, needs_extension, noncontiguous
+from .helpers import devices, needs_cuda, needs_extension, noncontiguous
 
 
 def brute_force_knn(x, k, dilation=1, bias=None, include_self=True):
@@ -302,3 +302,43 @@ def test_reference_is_scale_invariant_beyond_float32_norms(scale):
     x[0, 7] *= 1e-3  # a row of another scale stays as it was
     expected = graph_reference.knn_graph(x, 5)
     assert torch.equal(graph_reference.knn_graph(x * scale, 5), expected)
+
+
+@needs_extension
+def test_direct_op_call_rejects_k_times_dilation_that_overflows():
+    # 4 * 2^62 wraps to 0 in int64: the check passed and the kernel read past its buffer.
+    with pytest.raises(RuntimeError, match=r"k \* dilation = 4 \* 4611686018427387904 exceeds"):
+        torch.ops.slsg.knn_graph(torch.randn(1, 8, 4), 4, 2**62, None, True)
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 2e38), (torch.float64, 1e200)])
+def test_kernel_is_scale_invariant_beyond_the_norms_range(device, dtype, scale):
+    # Finite rows whose norm exceeds the dtype's range: the float32 kernel divided them by an
+    # infinite norm (every similarity tied), the float64 one reported NaN or Inf.
+    x = (torch.rand(2, 40, 24, generator=generator(31), dtype=torch.float64) + 0.5).to(dtype).to(device)
+    big = x.clone()
+    big[:, ::2] *= scale / 2  # large rows beside ordinary ones
+    expected = graph_reference.knn_graph(x.double(), 5)
+    assert torch.equal(ops.knn_graph(big, 5, backend=kernel_backend(device)).cpu(), expected.cpu())
+
+
+def test_reference_rescale_accounts_for_the_number_of_channels():
+    # Each value below 2^60 but C * peak^2 beyond float32: the reference's old guard looked at
+    # the peak alone, so the norms overflowed and every similarity tied.
+    x = torch.rand(1, 16, 1024, generator=generator(32)) + 0.5
+    expected = graph_reference.knn_graph(x.double(), 3)
+    assert torch.equal(graph_reference.knn_graph(x * 2.0**59.9, 3), expected)
+
+
+@needs_cuda
+def test_cuda_neighbours_do_not_depend_on_tf32():
+    x = torch.randn(2, 300, 64, generator=generator(33)).cuda()
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = ops.knn_graph(x, 9, 2, backend="extension")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert torch.equal(ops.knn_graph(x, 9, 2, backend="extension"), exact)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

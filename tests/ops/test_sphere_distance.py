@@ -283,3 +283,15 @@ def test_squared_norms_beyond_float32_are_refused(backend):
     x, centers = torch.randn(2, 64) * 1e19, torch.randn(5, 64) * 1e19
     with pytest.raises((ValueError, RuntimeError), match="overflow|too large"):
         ops.sphere_distance(x, centers, backend=backend)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_values_that_overflow_the_expansion_are_refused(device):
+    # Each squared norm is 1e38 (finite in float32) but ||x||^2 + ||c||^2 - 2 x.c = 4e38 is
+    # not: the CPU kernel returned +inf with an arbitrary index, the CUDA one index -1.
+    x = torch.full((2, 4), 5e18, device=device)
+    with pytest.raises(RuntimeError, match="too large for this dtype"):
+        torch.ops.slsg.sphere_distance(x, -x, None, 1)
+    dist, _ = torch.ops.slsg.sphere_distance(x / 2, -x / 2, None, 1)  # (5e18 + 5e18)^2 fits
+    assert torch.isfinite(dist).all()

@@ -79,3 +79,11 @@ def test_empty_batch_gives_empty_scores():
 def test_values_near_the_float32_maximum_do_not_overflow(backend):
     scores = torch.full((2, 10), 3e38)
     torch.testing.assert_close(ops.topk_mean(scores, 4, backend=backend), torch.full((2,), 3e38))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", devices())
+def test_direct_op_call_refuses_integer_scores(device):
+    # CUDA converted them and truncated the mean back to an integer.
+    with pytest.raises(RuntimeError, match="topk_mean: scores must be floating point, got Long"):
+        torch.ops.slsg.topk_mean(torch.arange(10, device=device).view(2, 5), 2)
