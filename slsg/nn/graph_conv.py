@@ -105,16 +105,20 @@ class SelfAttentiveGraphConv(nn.Module):
 
     def neighbourhood(self, nodes: int) -> tuple[int, int]:
         """(k, dilation) used for a graph of `nodes` nodes: the configured ones when there are
-        enough candidates, else a smaller dilation, then a smaller k."""
-        candidates = nodes if self.include_self else nodes - 1
+        enough candidates, else a smaller dilation, then a smaller k. A single node is its own
+        neighbour even without include_self (there is no other)."""
+        candidates = nodes if self._includes_self(nodes) else nodes - 1
         k = min(self.k, max(1, candidates))
         return k, max(1, min(self.dilation, candidates // k))
+
+    def _includes_self(self, nodes: int) -> bool:
+        return self.include_self or nodes == 1
 
     def position_bias(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
         """The [N, N] term added to the cosine similarities (None when the weight is 0)."""
         if self.relative_position_weight == 0.0:
             return None
-        key = (height, width, device, dtype)
+        key = (height, width, device, dtype, float(self.relative_position_weight))
         if key not in self._position_cache:
             r = relative_position_similarity(self.position_dim, height, width)
             self._position_cache = {key: (self.relative_position_weight * r).to(device=device, dtype=dtype)}
@@ -140,7 +144,7 @@ class SelfAttentiveGraphConv(nn.Module):
         with torch.no_grad():
             features = qk.detach().flatten(2).transpose(1, 2)  # [B, N, P]
             bias = self.position_bias(H, W, x.device, features.dtype)
-            index = ops.knn_graph(features, k, dilation, bias, self.include_self, backend=self.backend)
+            index = ops.knn_graph(features, k, dilation, bias, self._includes_self(N), backend=self.backend)
         nodes = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
         if self.sparse_aggregation == "max_relative":
             m = ops.max_relative(nodes, index, backend=self.backend)

@@ -156,3 +156,18 @@ def test_bad_input_shape():
 def test_goes_through_slsg_ops_only():
     source = inspect.getsource(graph_conv_module)
     assert "torch.ops" not in source and "ops.dense_graph_attention" in source and "ops.knn_graph" in source
+
+
+def test_a_single_node_is_its_own_neighbour_without_include_self():
+    # There is no other node: the layer raised "k * dilation = 1 exceeds the 0 candidates".
+    layer = make_layer(channels=8, include_self=False, heads=2)
+    assert layer.neighbourhood(1) == (1, 1)
+    x = torch.randn(2, 8, 1, 1)
+    assert torch.isfinite(layer(x)).all()
+
+
+def test_position_bias_follows_a_changed_weight():
+    layer = make_layer(channels=8, relative_position_weight=-1.0)
+    first = layer.position_bias(3, 3, torch.device("cpu"), torch.float32)
+    layer.relative_position_weight = 1.0
+    torch.testing.assert_close(layer.position_bias(3, 3, torch.device("cpu"), torch.float32), -first)
