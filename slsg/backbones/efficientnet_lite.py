@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from slsg.backbones.base import Backbone, WeightsError, load_into, load_state_dict_file
+from slsg.backbones.base import Backbone, WeightsError, load_into, load_state_dict_file, state_shapes
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) of the seven stages of B0/Lite0.
 _BASE_STAGES = (
@@ -252,6 +252,7 @@ class EfficientNetLiteBackbone(Backbone):
         self.net = EfficientNetLite(name, num_classes=1000 if with_classifier else None, max_stride=max_stride)
         self.strides = tuple(sorted(self.net.stage_ends))
         self.channels = dict(self.net.stage_channels)
+        self.freeze()  # frozen however it is built, not only through create()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return tf_normalize(x)
@@ -263,7 +264,12 @@ class EfficientNetLiteBackbone(Backbone):
         return self.net.logits(x)
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_into(self.net, convert_state_dict(state), source)
+        # The unpruned network with its head, shapes only (meta device): blocks beyond max_stride and
+        # the head may be in the file if their shapes match this variant (lite1 weights have other
+        # blocks); the classifier may have any class count.
+        with torch.device("meta"):
+            full = EfficientNetLite(self.name, num_classes=1000)
+        load_into(self.net, convert_state_dict(state), source, full=state_shapes(full, any_shape=("fc.",)))
 
     def _fuse_conv_bn(self) -> None:
         for module in self.modules():

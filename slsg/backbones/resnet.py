@@ -1,13 +1,15 @@
 """torchvision ResNet18 / WideResNet50-2 as frozen multi-scale backbones."""
 from __future__ import annotations
 
+import os
 import urllib.error
+import urllib.parse
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from slsg.backbones.base import Backbone, WeightsError, load_into, load_state_dict_file
+from slsg.backbones.base import Backbone, WeightsError, load_into, load_state_dict_file, state_shapes
 
 # torchvision's ImageNet input statistics (these weights expect them, unlike the TF-converted lite ones)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -32,16 +34,38 @@ def _torchvision_parts(name: str):
 _STAGES = {2: "relu", 4: "layer1", 8: "layer2", 16: "layer3", 32: "layer4"}
 
 
+def hub_cache_path(url: str) -> str:
+    """Where ``torch.hub.load_state_dict_from_url`` caches ``url``."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
+
+
 def download_imagenet_state(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights (from the torch hub cache, else downloaded)."""
     url = _torchvision_parts(name)[1].url
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
-    except urllib.error.URLError as exc:
-        raise WeightsError(
-            f"cannot download ImageNet weights for {name} from {url} (offline? {exc.reason}); "
-            f"download the file elsewhere and pass weights=PATH"
-        ) from exc
+        # check_hash: torchvision file names carry a SHA-256 prefix; a damaged download never reaches the cache
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                  weights_only=True)
+    except Exception as exc:
+        cached = hub_cache_path(url)
+        if os.path.isfile(cached):
+            # Only the type: torch's unpickling message suggests weights_only=False, unsafe for a
+            # downloaded file; the original error stays chained.
+            raise WeightsError(
+                f"cannot read the cached ImageNet weights for {name} at {cached} ({type(exc).__name__}: damaged "
+                f"or incomplete file?); delete that file to download it again, or pass weights=PATH"
+            ) from exc
+        if isinstance(exc, urllib.error.URLError):
+            raise WeightsError(
+                f"cannot download ImageNet weights for {name} from {url} (offline? {exc.reason}); "
+                f"download the file elsewhere and pass weights=PATH"
+            ) from exc
+        if isinstance(exc, (OSError, RuntimeError)):  # timeout, connection reset, hash mismatch, disk full
+            raise WeightsError(
+                f"downloading ImageNet weights for {name} from {url} failed ({type(exc).__name__}: {exc}); "
+                f"try again, or download the file elsewhere and pass weights=PATH"
+            ) from exc
+        raise
 
 
 class ResNetBackbone(Backbone):
@@ -67,6 +91,7 @@ class ResNetBackbone(Backbone):
             self.channels[s] = last_bn.num_features
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.freeze()  # frozen however it is built, not only through create()
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -93,7 +118,11 @@ class ResNetBackbone(Backbone):
         return self.net(x)
 
     def load_weights(self, state: dict[str, torch.Tensor], source: str) -> None:
-        load_into(self.net, state, source)
+        # The unpruned torchvision network, shapes only (meta device): its deeper layers and its
+        # classifier (of any class count) may be in the file; any other key means another architecture.
+        with torch.device("meta"):
+            full = _torchvision_parts(self.name)[0](weights=None)
+        load_into(self.net, state, source, full=state_shapes(full, any_shape=("fc.",)))
 
     def _fuse_conv_bn(self) -> None:
         net = self.net

