@@ -6,7 +6,8 @@
   region overlap versus false positive rate over all defect-free pixels of all images)
   is integrated up to `fpr_limit` and divided by it.
 - spro: MVTec LOCO saturated PRO. Regions are given (one per ground-truth file) with a
-  saturation threshold in pixels; a region's overlap is min(TP / threshold, 1).
+  saturation threshold in pixels, capped at the region's area (as the official LOCO
+  evaluation does); a region's overlap is min(TP / threshold, 1).
 - f1_max: the best F1 over all thresholds.
 
 Speed: every curve is exact, built from one value sort of the defect-free scores (numpy's
@@ -16,6 +17,7 @@ list of [H_i, W_i] maps of different sizes. Higher scores mean "more anomalous".
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -262,7 +264,7 @@ def _region_entries(scores: np.ndarray, saturation: float) -> tuple[np.ndarray, 
     order within the region matters, so ties inside it are harmless.
     """
     area = scores.size
-    if saturation >= area:
+    if saturation >= area:  # callers cap it at the area, so every pixel adds 1 / area
         return scores, np.full(area, 1.0 / saturation)
     ranked = np.sort(scores)[::-1]
     gain = np.minimum(np.arange(1, area + 1) / saturation, 1.0)
@@ -291,6 +293,13 @@ def _pro_inputs(maps: Any, masks: Any) -> tuple[_Sweep, int]:
     return _sweep(np.concatenate(scores).astype(dtype, copy=False), np.concatenate(weights), negatives_all), n_regions
 
 
+def _is_saturation(x: Any) -> bool:
+    """Whether x can be the saturation threshold of a (mask, saturation) pair: a scalar number or None."""
+    if x is None or isinstance(x, (numbers.Number, np.generic)):
+        return True
+    return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 0
+
+
 def _spro_inputs(maps: Any, region_masks: Any) -> tuple[_Sweep, int]:
     map_list = _map_list(maps, "maps", _score_array)
     if not isinstance(region_masks, Sequence) or len(region_masks) != len(map_list):
@@ -304,7 +313,9 @@ def _spro_inputs(maps: Any, region_masks: Any) -> tuple[_Sweep, int]:
         defect = np.zeros(m.shape, dtype=bool)
         for j, region in enumerate(regions):
             where = f"region_masks[{i}][{j}]"
-            if isinstance(region, (tuple, list)) and len(region) == 2:
+            # A pair only when its second item is a number (or None): a two-row mask
+            # given as nested lists is a bare region, not (row, row).
+            if isinstance(region, (tuple, list)) and len(region) == 2 and _is_saturation(region[1]):
                 mask, saturation = region
             else:
                 mask, saturation = region, None
@@ -317,6 +328,8 @@ def _spro_inputs(maps: Any, region_masks: Any) -> tuple[_Sweep, int]:
             saturation = float(area if saturation is None else saturation)
             if not saturation > 0:
                 raise ValueError(f"{where}: saturation threshold must be positive, got {saturation}")
+            # The official LOCO evaluation caps it at the area, so every region can be fully found.
+            saturation = min(saturation, float(area))
             entry_scores, entry_weights = _region_entries(m[mask], saturation)
             scores.append(entry_scores)
             weights.append(entry_weights)
@@ -407,9 +420,11 @@ def spro(maps: Any, region_masks: Any, fpr_limit: float = 0.05) -> float:
     """MVTec LOCO AU-sPRO: area under the saturated PRO curve up to `fpr_limit`, normalised.
 
     region_masks[i] is a list of (mask bool [H_i, W_i], saturation_threshold_pixels) for map i,
-    empty for good images (as `MVTecLOCO.region_masks(i)` returns). A bare mask instead of a
-    pair saturates at its area (plain per-region overlap). False positives are pixels outside
-    every region of their image.
+    empty for good images (as `MVTecLOCO.region_masks(i)` returns). An entry is such a pair
+    when it is a 2-tuple or 2-list whose second item is a number (or None); anything else is
+    a bare mask, which saturates at its area (plain per-region overlap). A saturation above
+    the region's area is capped at the area, as in the official LOCO evaluation. False
+    positives are pixels outside every region of their image.
     """
     limit = _check_limit(fpr_limit)
     fpr, overlap = _overlap_curve(*_spro_inputs(maps, region_masks))

@@ -19,7 +19,8 @@ def brute_overlap_curve(maps, regions):
     """Sweep every distinct score as a threshold (score >= t is anomalous) and measure directly.
 
     regions: list of (image index, bool mask, saturation in pixels). FPR counts pixels outside
-    every region of their image; a region's overlap is min(TP / saturation, 1).
+    every region of their image; a region's overlap is min(TP / min(saturation, area), 1)
+    (the official LOCO code caps the saturation at the area).
     """
     defect = [np.zeros(m.shape, bool) for m in maps]
     for i, mask, _ in regions:
@@ -30,7 +31,8 @@ def brute_overlap_curve(maps, regions):
     for t in thresholds:
         predicted = [m >= t for m in maps]
         xs.append(sum((p & ~d).sum() for p, d in zip(predicted, defect)) / n_negative)
-        ys.append(np.mean([min((predicted[i] & mask).sum() / saturation, 1.0) for i, mask, saturation in regions]))
+        ys.append(np.mean([min((predicted[i] & mask).sum() / min(saturation, mask.sum()), 1.0)
+                           for i, mask, saturation in regions]))
     return np.array(xs), np.array(ys)
 
 
@@ -217,14 +219,37 @@ def test_spro_matches_brute_force_with_overlapping_regions(seed, limit):
             y, x = rng.integers(0, mask.shape[0] - 3), rng.integers(0, mask.shape[1] - 3)
             region = np.zeros(mask.shape, bool)
             region[y:y + rng.integers(2, 4), x:x + rng.integers(1, 5)] = True
-            saturation = float(rng.choice([1, 2.5, region.sum(), 100]))
-            saturation = min(saturation, region.sum()) if saturation != 2.5 else saturation
+            saturation = float(rng.choice([1, 2.5, region.sum(), 100]))  # 100 > area: capped
             regions[i].append((region, saturation))
             flat.append((i, region, saturation))
     xs, ys = brute_overlap_curve(maps, flat)
     assert spro(maps, regions, fpr_limit=limit) == pytest.approx(brute_area(xs, ys, limit), abs=1e-12)
     fpr, curve = spro_curve(maps, regions)
     assert curve[-1] == pytest.approx(1.0) and np.all(np.diff(curve) >= -1e-12)
+
+
+def test_spro_caps_saturation_at_the_region_area():
+    # A 2-pixel region with saturation 5: once both pixels are found it is fully found
+    # (uncapped, its overlap would stop at 2/5).
+    scores = np.array([[0.9, 0.8, 0.1, 0.2]])
+    region = np.array([[1, 1, 0, 0]], dtype=bool)
+    assert spro(scores[None], [[(region, 5)]], fpr_limit=1.0) == pytest.approx(1.0)
+    assert spro(scores[None], [[(region, 5)]], fpr_limit=0.3) == pytest.approx(
+        spro(scores[None], [[(region, 2)]], fpr_limit=0.3))
+    fpr, curve = spro_curve(scores[None], [[(region, 1000.0)]])
+    assert curve[-1] == pytest.approx(1.0)
+
+
+def test_spro_tells_pairs_from_bare_masks_given_as_nested_lists():
+    scores = np.array([[0.1, 0.9], [0.2, 0.3]])
+    two_rows = [[0, 1], [0, 0]]  # a bare 2 x 2 region, not a (mask, saturation) pair
+    assert spro([scores], [[two_rows]], fpr_limit=1.0) == pytest.approx(1.0)
+    assert spro([scores], [[(two_rows, 1)]], fpr_limit=1.0) == pytest.approx(1.0)
+    region = np.array([[1, 1], [0, 0]], dtype=bool)
+    for pair in ((region, 1), [region, 1], (region, np.int64(1)), (region, torch.tensor(1.0)), [region.tolist(), 1.0]):
+        assert spro([scores], [[pair]], fpr_limit=1.0) == pytest.approx(spro([scores], [[(region, 1)]], fpr_limit=1.0))
+    assert spro([scores], [[(region, None)]]) == spro([scores], [[region]])  # None: saturates at the area
+    assert spro([scores], [[[[1, 1], [0, 0]]]]) == spro([scores], [[region]])
 
 
 # ----------------------------------------------------------------------------- inputs and validation

@@ -129,6 +129,9 @@ def parse_defects_config(path: str | os.PathLike) -> dict[int, DefectConfig]:
         if not isinstance(relative, bool):
             raise DataError(f"defects config {path}: entry {i} ({name!r}) has non-boolean "
                             f"relative_saturation {relative!r}")
+        if relative and threshold > 1:  # a share of the region's area (the official code rejects these too)
+            raise DataError(f"defects config {path}: entry {i} ({name!r}) has relative saturation_threshold "
+                            f"{threshold!r}; a relative threshold is a share of the region's area, in (0, 1]")
         if value in configs:
             raise DataError(f"defects config {path}: pixel_value {value} is used twice")
         configs[value] = DefectConfig(str(name), value, float(threshold), relative)

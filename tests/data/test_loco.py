@@ -107,7 +107,7 @@ def test_unexpected_test_folder(loco_tree, builders):
      "non-boolean"),
     (json.dumps([{"defect_name": "a", "pixel_value": 1, "saturation_threshold": 0, "relative_saturation": True}]),
      "saturation_threshold"),
-    (json.dumps([{"defect_name": "a", "pixel_value": 1, "saturation_threshold": 3, "relative_saturation": True}] * 2),
+    (json.dumps([{"defect_name": "a", "pixel_value": 1, "saturation_threshold": 0.5, "relative_saturation": True}] * 2),
      "twice"),
 ])
 def test_invalid_defects_config(tmp_path, content, message):
@@ -115,6 +115,20 @@ def test_invalid_defects_config(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         parse_defects_config(path)
+
+
+def test_relative_saturation_above_one_is_rejected(tmp_path):
+    # A share of the region's area above 1 could never be reached (the official code rejects it).
+    path = tmp_path / "defects_config.json"
+    entries = [{"defect_name": "ok", "pixel_value": 2, "saturation_threshold": 1, "relative_saturation": True},
+               {"defect_name": "extra_part", "pixel_value": 1, "saturation_threshold": 1.5,
+                "relative_saturation": True}]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(DataError, match=r"defects_config\.json.*'extra_part'.*relative saturation_threshold 1\.5"):
+        parse_defects_config(path)
+    entries[1]["relative_saturation"] = False  # 1.5 pixels is a valid absolute threshold
+    path.write_text(json.dumps(entries))
+    assert parse_defects_config(path)[1].saturation_threshold == 1.5
 
 
 def test_end_to_end_metrics_per_split(loco_tree):

@@ -9,6 +9,7 @@ regenerated from its (seed, epoch, index).
 from __future__ import annotations
 
 import hashlib
+import operator
 import struct
 from typing import Any
 
@@ -20,13 +21,28 @@ from .synthesizer import AnomalySynthesizer
 __all__ = ["derive_seed", "item_generator", "worker_generator", "SimulatedAnomalyDataset"]
 
 
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from a tuple of ints/strings (BLAKE2b; stable across runs and platforms)."""
+def _integer(value: Any, requirement: str) -> int:
+    """``value`` as an int: any integer-like (numpy integers, one-element integer tensors)
+    is accepted, as samplers and Subset pass them; bools are refused. ``requirement``
+    opens the error message."""
+    boolean = isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool)
+    try:
+        if not boolean:
+            return operator.index(value)
+    except TypeError:
+        pass
+    raise TypeError(f"{requirement}, got {type(value).__name__} {value!r}")
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from a tuple of ints (or integer-likes) and strings (BLAKE2b; stable
+    across runs and platforms)."""
     h = hashlib.blake2b(digest_size=8)
     for part in parts:
-        if isinstance(part, bool) or not isinstance(part, (int, str)):
-            raise TypeError(f"seed parts must be ints or strings, got {part!r}")
-        data = part.encode("utf-8") if isinstance(part, str) else str(int(part)).encode("ascii")
+        if isinstance(part, str):
+            data = part.encode("utf-8")
+        else:
+            data = str(_integer(part, "seed parts must be ints or strings")).encode("ascii")
         h.update(struct.pack("<I", len(data)) + data)  # length prefix: ("1", "23") != ("12", "3")
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
@@ -103,6 +119,7 @@ class SimulatedAnomalyDataset(Dataset):
         return len(self.normal_dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        index = _integer(index, "a SimulatedAnomalyDataset index must be an int")
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")

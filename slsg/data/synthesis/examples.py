@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw
 
-from slsg.utils import atomic_path, atomic_write_text
+from slsg.utils import _fsync, atomic_path, atomic_write_text
 
 from ..base import list_images
 from ..datasets import detect_layout, open_dataset
@@ -95,6 +97,8 @@ def write_examples(
     anomaly) and ``kkk_mask.png`` (0/255); then ``overview.png`` (a contact sheet:
     normal | source | anomaly | mask overlay) and ``examples.json`` (branch, beta,
     operations, input path per example, and the config). Returns the written paths.
+    The set replaces a previous one in ``out_dir`` only once complete: a failed or
+    interrupted run leaves the previous set as it was.
     """
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -107,8 +111,12 @@ def write_examples(
 
     order = torch.randperm(count, generator=torch.Generator().manual_seed(derive_seed("examples", seed)))
     previous = _previous_examples(out_dir)
-    written: list[Path] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # The new set is written aside and moved in only once complete: a failed or
+    # interrupted run leaves the previous set as it was.
+    staging = Path(tempfile.mkdtemp(prefix=".slsg-examples-new-", dir=out_dir))
     try:
+        names: list[str] = []
         sheet_rows: list[tuple[torch.Tensor, Synthesis]] = []
         captions: list[str] = []
         records = []
@@ -126,31 +134,57 @@ def write_examples(
 
             result = synthesizer.sample(image, generator, other_normal=other_loader)
             stem = f"{k:03d}"
-            written += [
-                _save_png(_to_pil(image), out_dir / f"{stem}_normal.png"),
-                _save_png(_to_pil(result.source), out_dir / f"{stem}_source.png"),
-                _save_png(_to_pil(result.image), out_dir / f"{stem}_image.png"),
-                _save_png(_to_pil(result.mask), out_dir / f"{stem}_mask.png"),
-            ]
+            for part, picture in (("normal", image), ("source", result.source), ("image", result.image),
+                                  ("mask", result.mask)):
+                names.append(_save_png(_to_pil(picture), staging / f"{stem}_{part}.png").name)
             area = float(result.mask.mean())
             captions.append(f"{stem} {result.kind} b={result.beta:.2f} area={area:.1%} {'+'.join(result.ops)}")
             sheet_rows.append((image, result))
             records.append({"index": k, "input": name(index), "branch": result.branch, "kind": result.kind,
                             "beta": round(result.beta, 4), "mask_fraction": round(area, 5), "ops": list(result.ops)})
-        written.append(_save_png(contact_sheet(sheet_rows, captions), out_dir / "overview.png"))
+        names.append(_save_png(contact_sheet(sheet_rows, captions), staging / "overview.png").name)
         meta = {"data_dir": str(data_dir), "seed": seed, "image_size": image_size,
                 "textures": None if textures is None else str(textures), "config": config.to_dict(),
                 "examples": records}
-        path = out_dir / "examples.json"
-        atomic_write_text(path, json.dumps(meta, indent=2) + "\n")
-        written.append(path)
-    except BaseException:
-        for path in written:  # no half-written set: a failed run leaves none of its files
-            path.unlink(missing_ok=True)
+        atomic_write_text(staging / "examples.json", json.dumps(meta, indent=2) + "\n")
+        names.append("examples.json")
+        _move_into_place(staging, out_dir, names, previous)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [out_dir / name for name in names]
+
+
+def _move_into_place(staging: Path, out_dir: Path, names: list[str], stale: set[Path]) -> None:
+    """Move the staged files ``names`` (examples.json last) into ``out_dir``.
+
+    The files they replace, and the ``stale`` ones of a larger previous set, first go to
+    a backup folder beside them. If a move fails or is interrupted, every move is undone;
+    if even that fails, the backup is kept and the error names it. examples.json goes
+    first and comes back last, so it never describes a half-moved set.
+    """
+    backup = Path(tempfile.mkdtemp(prefix=".slsg-examples-previous-", dir=out_dir))
+    old = [out_dir / "examples.json"] + sorted(({out_dir / name for name in names} | stale)
+                                               - {out_dir / "examples.json"})
+    done: list[tuple[Path, Path]] = []
+    try:
+        for path in old:
+            if os.path.lexists(path):
+                os.replace(path, backup / path.name)
+                done.append((path, backup / path.name))
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+            done.append((staging / name, out_dir / name))
+        _fsync(out_dir, directory=True)
+    except BaseException as error:
+        try:
+            for source, target in reversed(done):
+                os.replace(target, source)
+        except OSError as undo_error:
+            raise OSError(f"writing the examples into {out_dir} failed ({error!r}) and the previous set "
+                          f"could not be put back ({undo_error}); its files are in {backup}") from error
+        shutil.rmtree(backup, ignore_errors=True)
         raise
-    for stale in previous - set(written):  # a larger set written here before: its extra examples
-        stale.unlink(missing_ok=True)
-    return written
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _previous_examples(out_dir: Path) -> set[Path]:

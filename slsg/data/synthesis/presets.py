@@ -59,7 +59,8 @@ class SynthesisConfig:
     self_row_copy_prob: float = 0.6
     # Mask pixels whose colour changed by less than this (max over channels) are
     # dropped from the label: a misplaced patch of plain background looks normal
-    # and must not be taught as anomalous. 0 disables.
+    # and must not be taught as anomalous. So is a lone pixel (no changed
+    # 8-neighbour) changed by at most twice this: noise, not a visible part. 0 disables.
     self_min_change: float = 0.04
     texture_min_change: float = 0.0
 

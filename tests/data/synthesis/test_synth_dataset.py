@@ -1,6 +1,7 @@
+import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from slsg.data.synthesis import (AnomalySynthesizer, SimulatedAnomalyDataset, derive_seed, item_generator,
                                  worker_generator)
@@ -80,3 +81,19 @@ def test_plain_tensor_items_and_errors():
         SimulatedAnomalyDataset([smooth_image(32)], lambda x, g: x)
     with pytest.raises(TypeError, match="'image' tensor"):
         SimulatedAnomalyDataset([{"img": smooth_image(32)}], AnomalySynthesizer())[0]
+
+
+def test_integer_like_indices_and_seed_parts():
+    # Samplers and Subset(ds, np.arange(n)) hand out numpy integers, some code tensors.
+    ds = SimulatedAnomalyDataset([smooth_image(32, i) for i in range(4)], AnomalySynthesizer(), seed=0)
+    expected = ds[1]["image"]
+    for index in (np.int64(1), np.uint8(1), torch.tensor(1), np.int32(-3)):
+        assert torch.equal(ds[index]["image"], expected)
+    assert torch.equal(Subset(ds, np.arange(4))[1]["image"], expected)
+    assert derive_seed("item", np.int64(5), torch.tensor(2)) == derive_seed("item", 5, 2)
+    for bad in (1.0, True, np.bool_(True), torch.tensor(True), torch.tensor(1.0), "1", None):
+        with pytest.raises(TypeError, match="index must be an int"):
+            ds[bad]
+    for bad in (1.5, True, torch.tensor(True), None):
+        with pytest.raises(TypeError, match="seed parts must be ints or strings"):
+            derive_seed("item", bad)

@@ -1,11 +1,13 @@
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from slsg.data.io import DataError
-from slsg.data.synthesis import write_examples
+from slsg.data.synthesis import AnomalySynthesizer, write_examples
 
 
 def _folder(tmp_path, n=3, size=40):
@@ -88,3 +90,57 @@ def test_real_bottle_with_dtd(shared_data, tmp_path):
     meta = json.loads((tmp_path / "ex" / "examples.json").read_text())
     assert all("/train/good/" in e["input"] for e in meta["examples"])
     assert meta["config"]["foreground"] == "border" and len(paths) == 2 * 4 + 2
+
+
+def _snapshot(out):
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def _assert_previous_set_intact(out, before):
+    meta = json.loads((out / "examples.json").read_text())
+    parts = ("normal", "source", "image", "mask")
+    listed = [f"{r['index']:03d}_{part}.png" for r in meta["examples"] for part in parts]
+    assert _snapshot(out) == before  # every file of the surviving set, unchanged; no leftovers
+    assert set(listed) <= set(before)
+
+
+def test_a_failed_rerun_leaves_the_previous_set_intact(tmp_path, monkeypatch):
+    folder, out = _folder(tmp_path), tmp_path / "out"
+    write_examples(folder, out, n=4, seed=0, image_size=32)
+    before = _snapshot(out)
+    original = AnomalySynthesizer.sample
+    calls = []
+
+    def fail_on_third(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("synthesis failed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnomalySynthesizer, "sample", fail_on_third)
+    with pytest.raises(RuntimeError, match="synthesis failed"):
+        write_examples(folder, out, n=4, seed=1, image_size=32)
+    _assert_previous_set_intact(out, before)
+
+
+def test_an_interrupted_move_into_place_is_undone(tmp_path, monkeypatch):
+    folder, out = _folder(tmp_path), tmp_path / "out"
+    write_examples(folder, out, n=3, seed=0, image_size=32)
+    before = _snapshot(out)
+    replace, interrupted = os.replace, []
+
+    def interrupt_midway(source, target):  # once: as the new 001_image.png moves in
+        if not interrupted and Path(target) == out / "001_image.png" and Path(source).parent.name.startswith(
+                ".slsg-examples-new-"):
+            interrupted.append(source)
+            raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", interrupt_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write_examples(folder, out, n=2, seed=1, image_size=32)
+    assert interrupted
+    monkeypatch.setattr(os, "replace", replace)
+    _assert_previous_set_intact(out, before)
+    write_examples(folder, out, n=2, seed=1, image_size=32)  # the smaller set replaces the larger one
+    assert len(_snapshot(out)) == 2 * 4 + 2

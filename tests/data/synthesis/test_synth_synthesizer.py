@@ -29,6 +29,28 @@ def test_call_contract_and_blend_identity():
             assert float((r.image - image).abs().amax(0)[~inside].mean()) < 0.04
 
 
+def test_self_content_label_follows_the_change_pixel_by_pixel():
+    # Thin dark lines on smooth colour: moved content changes edges and one-pixel
+    # structures, where a locally averaged change mislabels pixels both ways.
+    image = smooth_image(64, 2)
+    image[:, ::6, :] *= 0.2
+    image[:, :, 3::7] *= 0.2
+    config = SynthesisConfig(self_content_prob=1.0)
+    t = config.self_min_change
+    synth = AnomalySynthesizer(config)
+    for seed in range(12):
+        r = synth.sample(image, gen(seed), other_normal=smooth_image(64, 7), branch="self")
+        change = (r.image - image).abs().amax(0)
+        label = r.mask[0].bool()
+        assert r.branch == "self"
+        assert bool((change[label] > t).all()), f"seed {seed}: unchanged pixels labelled anomalous"
+        assert float(change[~label].max()) <= 2 * t, f"seed {seed}: a clearly changed pixel labelled normal"
+        # What is left unlabelled above the threshold is lone specks only.
+        changed = (change > t).float()[None, None]
+        neighbours = torch.nn.functional.conv2d(changed, torch.ones(1, 1, 3, 3), padding=1)[0, 0] - changed[0, 0]
+        assert bool((neighbours[(change > t) & ~label] == 0).all())
+
+
 def test_branch_share_and_beta_ranges():
     synth = AnomalySynthesizer()
     images = [smooth_image(32, i) for i in range(3)]
