@@ -73,10 +73,10 @@ class MemoryBank:
     "torch" (the pure-PyTorch reference), "auto" (kernel for exact search, faiss for
     IVF-PQ). Exact backends return the same neighbours. They compute ||x||^2 + ||c||^2 - 2 x.c
     in float32 (like torch.cdist), searching relative to the bank's mean when one common offset
-    dominates the features, to pick candidates; the candidates within that computation's
-    rounding bound are then ranked by float64 differences, so the neighbours are the true
-    ones even where the features' norms dwarf the distances between neighbours (several
-    clusters far apart), and ties go to the lowest row.
+    dominates the features. Where neighbours lie within that computation's rounding bound of
+    each other, float64 differences rank them (and give their distances), so the neighbours
+    are the true ones even where the features' norms dwarf the distances between neighbours
+    (several clusters far apart), and exact ties go to the lowest row.
 
     Float32 features already on ``device`` are kept without a copy (banks can be large):
     modifying them in place afterwards leaves the bank's search state stale.
@@ -182,23 +182,27 @@ class MemoryBank:
 
     # -- exact search ----------------------------------------------------------------------
     def _exact_search(self, x, shifted, k, search, relative_error):
-        """The true k nearest rows: a search of values ||x||^2 + ||c||^2 - 2 x.c picks
-        candidates, float64 differences rank them.
+        """The true k nearest rows, in order: the backend's values ||x||^2 + ||c||^2 - 2 x.c
+        where they decide, float64 differences where they may not.
 
         Each float32 value is within e = relative_error (||x|| + max ||c||)^2 of the exact
-        distance (of the searched vectors, relative to the origin). With T the k-th smallest
-        value, every true neighbour scores at most T + 2e, so when the last of the kc
-        candidates scores more than that, none is missing. Queries short of it search again
-        with 4 times the candidates, then in float64 (clusters far apart, whose norms dwarf
-        the distances between neighbours), and in the end against every row."""
-        m = x.shape[0]
-        dist = torch.empty(m, k, dtype=torch.float32, device=x.device)
-        index = torch.empty(m, k, dtype=torch.long, device=x.device)
-        rows = torch.arange(m, device=x.device)
+        distance (of the searched vectors, relative to the origin). Where the first k + 1
+        values of a query are more than 2e apart, their order is the true order, and the
+        values are returned as they are. Other queries (near ties) take k + 8 candidates: with
+        T the k-th smallest value, every true neighbour scores at most T + 2e, so when the last
+        candidate scores more than that, none is missing, and float64 differences rank them.
+        Queries short of it search again with 4 times the candidates, then in float64
+        (clusters far apart, whose norms dwarf the distances between neighbours), and in the
+        end against every row."""
         reach = shifted.double().norm(dim=1) + self._reach
         absolute = _ABSOLUTE_ERROR * self.dim * (reach + 2)  # subnormal terms flushed to zero
         # Searching relative to the origin rounds x - origin and c - origin in float32 once.
         shift = _SHIFT_ERROR if self._origin is not None else 0.0
+        values, candidates = search(shifted, min(len(self), k + 1))
+        dist, index = values[:, :k].float().contiguous(), candidates[:, :k].contiguous()
+        margin = 2 * ((relative_error + shift) * reach.square() + absolute)
+        gaps = values[:, 1:].double() - values[:, :-1].double()
+        rows = torch.nonzero((gaps <= margin[:, None]).any(1)).view(-1)
         levels = ((search, relative_error + shift),
                   (self._float64_search, _FLOAT64_ERROR * (self.dim + 8) + shift))
         for level_search, error in levels:
