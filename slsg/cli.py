@@ -207,16 +207,18 @@ def cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _expand_images(items: Sequence[str]) -> list[Path]:
+def _expand_images(items: Sequence[str], recursive: bool = False) -> list[Path]:
     from slsg.data.base import list_images
 
     paths: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            found = list_images(path)
+            found = list_images(path, recursive=recursive)
             if not found:
-                raise CliError(f"no image files in folder {path}")
+                deeper = 0 if recursive else len(list_images(path, recursive=True))
+                hint = f" (its subfolders hold {deeper}; pass --recursive)" if deeper else ""
+                raise CliError(f"no image files in folder {path}{hint}")
             paths += found
         elif path.is_file():
             paths.append(path)
@@ -237,7 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = _out_folder(args.out) if args.out else None
     detector = load_detector(args.model)
-    paths = _expand_images(args.images)
+    paths = _expand_images(args.images, args.recursive)
     size = detector.dataset_image_size
     threshold = detector.image_threshold
     bit_depth = getattr(detector.config, "bit_depth", None)
@@ -350,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True)
     predict.add_argument("images", nargs="+", help="image files or folders of images")
     predict.add_argument("--out", default=None, help="folder for heatmap PNGs and predictions.json")
+    predict.add_argument("-r", "--recursive", action="store_true",
+                         help="also score the images in subfolders of the given folders")
     predict.add_argument("--batch-size", type=_positive_int, default=8)
     predict.set_defaults(func=cmd_predict)
 

@@ -306,3 +306,17 @@ def test_bit_depth_is_kept_with_the_model(capsys, tmp_path):
     assert code != 0 and "exceed the 10-bit range" in err
     with pytest.raises(SystemExit):
         cli.main(["fit", "--data", str(good), "--out", str(tmp_path / "r"), "--bit-depth", "7"])
+
+
+def test_predict_reads_subfolders_only_when_asked(capsys, tmp_path, tiny_model):
+    # A test folder of defect subfolders (MVTec AD's test/) held "no image files" before.
+    from PIL import Image
+
+    for sub in ("good", "crack"):
+        (tmp_path / "test" / sub).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (90, 120, 30)).save(tmp_path / "test" / sub / "000.png")
+    code, _, err = run(capsys, "predict", "--model", tiny_model, tmp_path / "test", "--quiet")
+    assert code == 2 and "its subfolders hold 2; pass --recursive" in err
+    code, out, err = run(capsys, "predict", "--model", tiny_model, tmp_path / "test", "--recursive", "--quiet")
+    assert code == 0, err
+    assert [Path(line.split("\t")[0]).parent.name for line in out.splitlines() if "\t" in line] == ["crack", "good"]
