@@ -2,8 +2,8 @@
 
 CPU kernels are always built. CUDA kernels are built when a CUDA toolkit and a CUDA build
 of torch are present. Environment switches:
-  SLSG_WITH_CUDA=auto|1|0   auto (default): build CUDA kernels when possible; 1: require them;
-                            0: CPU only.
+  SLSG_WITH_CUDA=auto|1|0   auto (default): build CUDA kernels when possible; 1 (on, true,
+                            yes): require them; 0 (off, false, no): CPU only.
   CUDA_HOME                 toolkit root (found automatically when unset).
   TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0+PTX": Ampere, Hopper, PTX).
   SLSG_DEBUG=1              debug symbols, no optimisation.
@@ -31,7 +31,15 @@ def _load_toolkit_helpers():
 toolkit = _load_toolkit_helpers()
 
 
-with_cuda_env = os.environ.get("SLSG_WITH_CUDA", "auto").lower()
+_SWITCH = {"auto": "auto", "": "auto", "1": "1", "on": "1", "true": "1", "yes": "1",
+           "0": "0", "off": "0", "false": "0", "no": "0"}
+with_cuda_env = _SWITCH.get(os.environ.get("SLSG_WITH_CUDA", "auto").strip().lower())
+if with_cuda_env is None:
+    raise RuntimeError(f"SLSG_WITH_CUDA={os.environ['SLSG_WITH_CUDA']!r}: use auto, 1 (on) or 0 (off)")
+if with_cuda_env != "0" and os.environ.get("CUDA_HOME") and toolkit.find_cuda_home() != os.environ["CUDA_HOME"]:
+    # A wrong CUDA_HOME would otherwise be passed over for another toolkit without a word.
+    raise RuntimeError(f"CUDA_HOME={os.environ['CUDA_HOME']} holds no CUDA toolkit (bin/nvcc and "
+                       "include/cuda_runtime.h); fix it, unset it, or build without CUDA (SLSG_WITH_CUDA=0)")
 cuda_home = toolkit.find_cuda_home() if with_cuda_env != "0" else None
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
@@ -46,7 +54,8 @@ if with_cuda_env == "1" and not use_cuda:
         f"toolkit={'found at ' + cuda_home if cuda_home else 'not found (set CUDA_HOME)'}, "
         f"torch.version.cuda={torch.version.cuda}"
     )
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():  # unset or empty: torch would probe for a GPU
+    os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
 
 debug = os.environ.get("SLSG_DEBUG") == "1"
 sources = [str(CSRC / "ops.cpp"), str(CSRC / "python_module.cpp")]
@@ -58,7 +67,9 @@ include_dirs = [str(CSRC)]
 if use_cuda:
     sources += sorted(str(p) for p in (CSRC / "cuda").glob("*.cu"))
     extra_compile_args["nvcc"] = ["-O3", "--threads", "2", "-lineinfo"] if not debug else ["-O0", "-g"]
-    include_dirs += toolkit.nvidia_wheel_includes()
+    # The toolkit's headers first: torch's nvidia-* wheels hold a full CUDA header set too, and
+    # only fill in what a bare toolkit lacks (cuBLAS, cuSPARSE).
+    include_dirs += [os.path.join(cuda_home, "include")] + toolkit.nvidia_wheel_includes()
     Extension = CUDAExtension
 else:
     Extension = CppExtension

@@ -15,7 +15,10 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.14.1"
 python -m pip install -q ninja
 # Rebuild only when the kernels or the build script changed since the last install.
 stamp=.venv/.slsg-build-stamp
-want=$(cat setup.py pyproject.toml $(find csrc -type f | sort) | sha256sum | cut -d' ' -f1)
+# The build switches and torch's version count too: a CPU-only build must not pass for a CUDA one.
+want=$( (cat setup.py pyproject.toml slsg/_toolkit.py $(find csrc -type f | sort)
+         echo "${SLSG_WITH_CUDA-} ${TORCH_CUDA_ARCH_LIST-} ${CUDA_HOME-} ${SLSG_DEBUG-}"
+         python -c "import torch; print(torch.__version__)") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! python -c "import slsg._C" 2>/dev/null; then
   MAX_JOBS=${MAX_JOBS:-2} python -m pip install -q -e ".[test]" --no-build-isolation
   echo "$want" > "$stamp"

@@ -62,6 +62,10 @@ def test_cmake_build_loads_and_runs(tmp_path, cuda):
         "if has_cuda and torch.cuda.is_available():  # on a GPU machine, run a CUDA kernel too\n"
         "    d, i = torch.ops.slsg.sphere_distance(x.cuda(), c.cuda(), None, 2)\n"
         "    assert i.tolist() == [[0, 1], [1, 0]] and d.tolist() == [[1.0, 6.25], [0.25, 4.0]], (d, i)\n"
+        # slsg then uses the loaded library: importing its own slsg._C as well aborted the process.
+        "import slsg\n"
+        "assert slsg.ops.backend().name == 'extension', slsg.ops.backend()\n"
+        "assert slsg.ops.sphere_distance(x, c, k=2)[1].tolist() == [[0, 1], [1, 0]]\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

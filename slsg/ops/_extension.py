@@ -5,6 +5,7 @@ warning. SLSG_BACKEND=reference forces the fallback (useful to compare or to deb
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,13 +23,25 @@ OPS = (
 )
 
 
+def _registered(op: str) -> bool:
+    return bool(torch._C._jit_get_schemas_for_operator(f"slsg::{op}"))
+
+
 def _load() -> tuple[bool, str | None]:
     if os.environ.get("SLSG_BACKEND", "").lower() == "reference":
         return False, "SLSG_BACKEND=reference"
-    try:
-        from slsg import _C  # noqa: F401  (importing registers the torch.ops.slsg kernels)
-    except ImportError as exc:
-        return False, str(exc)
+    # The CMake build's libslsg_ops.so, loaded with torch.ops.load_library, registers the same
+    # ops; importing slsg._C as well would abort the process (one TORCH_LIBRARY per namespace).
+    if not any(_registered(op) for op in OPS):
+        try:
+            from slsg import _C  # noqa: F401  (importing registers the torch.ops.slsg kernels)
+        except ImportError as exc:
+            if importlib.util.find_spec("slsg._C") is None:
+                return False, "slsg._C is not built"
+            return False, str(exc)
+    missing = [op for op in OPS if not _registered(op)]
+    if missing:  # built from older sources
+        return False, f"the compiled extension is out of date: it lacks {', '.join(missing)}"
     return True, None
 
 

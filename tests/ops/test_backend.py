@@ -21,7 +21,8 @@ def test_backend_reports_extension_and_devices():
         assert info.devices == () and info.reason
 
 
-@pytest.mark.skipif(os.environ.get("SLSG_WITH_CUDA") == "0", reason="CUDA build disabled by SLSG_WITH_CUDA=0")
+@pytest.mark.skipif(os.environ.get("SLSG_WITH_CUDA", "").strip().lower() in ("0", "off", "false", "no"),
+                    reason="CUDA build disabled by SLSG_WITH_CUDA")
 def test_cuda_kernels_compiled_when_toolkit_present():
     """Where a CUDA toolkit and a CUDA torch exist (as in CI), the build must include the
     CUDA kernels: compiling them is the check that they build."""
@@ -63,3 +64,22 @@ def test_explicit_extension_request_without_kernel_fails_clearly():
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend must be"):
         slsg.ops.topk_mean(torch.randn(2, 3), 1, backend="fast")
+
+
+def test_an_extension_built_from_older_sources_falls_back_with_its_reason(monkeypatch):
+    # An old slsg/_C*.so without a newer op: the per-op kernel lookup raised "operator
+    # slsg::greedy_coreset does not exist" and `import slsg` failed.
+    from slsg.ops import _extension
+
+    monkeypatch.setattr(_extension, "_registered", lambda op: op != "greedy_coreset")
+    assert _extension._load() == (False, "the compiled extension is out of date: it lacks greedy_coreset")
+
+
+def test_a_missing_extension_is_reported_as_not_built(monkeypatch):
+    from slsg.ops import _extension
+
+    monkeypatch.setattr(_extension, "_registered", lambda op: False)
+    monkeypatch.setitem(sys.modules, "slsg._C", None)  # the import fails
+    monkeypatch.delattr(slsg, "_C", raising=False)
+    monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name: None)
+    assert _extension._load() == (False, "slsg._C is not built")
