@@ -18,6 +18,7 @@ import torch
 
 from . import ops
 from .ops import reference
+from .ops._extension import has_kernel
 from .ops._validate import check_int, check_tensor
 from .utils import abs_peak, all_finite, atomic_path, squared_norms_fit_float32
 
@@ -26,10 +27,11 @@ INDEX_TYPES = ("flat", "ivfpq")
 FILE_NAME = "memory_bank.npz"
 FORMAT_VERSION = 1
 _EXTRA_CANDIDATES = 8  # candidates beyond k that exact search ranks in float64
-_MAX_CANDIDATES = 256  # beyond this, a query is compared with every row
+_MAX_CANDIDATES = 4096  # beyond this, a query is compared with every row (ties cost little here)
 _RERANK_ELEMENTS = 1 << 22  # float64 elements per re-ranking chunk (32 MiB)
 _ABSOLUTE_ERROR = 2 * 2.0 ** -126  # per term, for subnormal values flushed to zero
 _FLOAT64_ERROR = 2 * 2.0 ** -53  # per term of a float64 value (doubled: see _relative_error)
+_ABSOLUTE_ERROR64 = 2 * 2.0 ** -1022  # the same for float64 subnormals
 _SHIFT_ERROR = 4 * 2.0 ** -24  # float32 rounding of x - origin and c - origin
 
 
@@ -114,6 +116,10 @@ class MemoryBank:
         # What the exact backends search: the features relative to the origin (a shift leaves
         # every distance unchanged). A second copy only for offset-dominated banks.
         self._searched = self.features if self._origin is None else self.features - self._origin
+        if self._origin is not None and not squared_norms_fit_float32(self._searched):
+            # Relative to the mean, far-apart features can be twice as long as they were.
+            raise ValueError("MemoryBank: features are too large for float32 search relative to their "
+                             f"mean (squared norms overflow, |value| up to {abs_peak(self._searched):.3g}); rescale them")
         self._reach = _max_row_norm(self._searched)  # bounds the float32 rounding of exact search
 
     @classmethod
@@ -148,7 +154,8 @@ class MemoryBank:
 
     def search(self, x: torch.Tensor, k: int = 1, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared L2 distances ``[M, k]`` (ascending) to the k nearest stored features and
-        their indices ``[M, k]`` (int64)."""
+        their indices ``[M, k]`` (int64). Queries are searched as float32 (float64 queries
+        are rounded first), like the bank."""
         check_tensor("MemoryBank.search", "x", x, ndim=2, shape_hint="[M, D]")
         if x.shape[1] != self.dim:
             raise ValueError(f"MemoryBank.search: queries have D={x.shape[1]}, the bank has D={self.dim}")
@@ -170,6 +177,9 @@ class MemoryBank:
             raise ValueError("MemoryBank.search: queries are too large for float32 search (squared norms "
                              f"overflow, |value| up to {peak:.3g}); rescale them")
         shifted = x - self._origin if self._origin is not None else x
+        if self._origin is not None and not squared_norms_fit_float32(shifted):
+            raise ValueError("MemoryBank.search: queries are too large for float32 search relative to the "
+                             f"bank's mean (squared norms overflow, |value| up to {abs_peak(shifted):.3g}); rescale them")
         if backend == "kernel":
             search = lambda q, n: ops.sphere_distance(q, self._searched, k=n)  # noqa: E731
         elif backend == "torch":
@@ -192,43 +202,59 @@ class MemoryBank:
         T the k-th smallest value, every true neighbour scores at most T + 2e, so when the last
         candidate scores more than that, none is missing, and float64 differences rank them.
         Queries short of it search again with 4 times the candidates, then in float64
-        (clusters far apart, whose norms dwarf the distances between neighbours), and in the
-        end against every row."""
+        (clusters far apart, whose norms dwarf the distances between neighbours) with up to
+        _MAX_CANDIDATES candidates (many exact ties, e.g. duplicated rows), and in the end
+        against every row. A NaN or Inf value (overflow) never settles a query."""
         reach = shifted.double().norm(dim=1) + self._reach
-        absolute = _ABSOLUTE_ERROR * self.dim * (reach + 2)  # subnormal terms flushed to zero
         # Searching relative to the origin rounds x - origin and c - origin in float32 once.
         shift = _SHIFT_ERROR if self._origin is not None else 0.0
+
+        def margin(error, absolute, rows=slice(None)):  # twice the bound e, per query
+            r = reach[rows]
+            return 2 * ((error + shift) * r.square() + absolute * self.dim * (r + 2))
+
         values, candidates = search(shifted, min(len(self), k + 1))
         dist, index = values[:, :k].float().contiguous(), candidates[:, :k].contiguous()
-        margin = 2 * ((relative_error + shift) * reach.square() + absolute)
         gaps = values[:, 1:].double() - values[:, :-1].double()
-        rows = torch.nonzero((gaps <= margin[:, None]).any(1)).view(-1)
-        levels = ((search, relative_error + shift),
-                  (self._float64_search, _FLOAT64_ERROR * (self.dim + 8) + shift))
-        for level_search, error in levels:
-            for kc in (k + _EXTRA_CANDIDATES, 4 * (k + _EXTRA_CANDIDATES)):
+        rows = torch.nonzero(~(gaps > margin(relative_error, _ABSOLUTE_ERROR)[:, None]).all(1)).view(-1)
+        first = k + _EXTRA_CANDIDATES
+        float64_sizes = [first]
+        while float64_sizes[-1] < min(len(self), _MAX_CANDIDATES):
+            float64_sizes.append(4 * float64_sizes[-1])
+        levels = [(search, relative_error, _ABSOLUTE_ERROR, (first, 4 * first)),
+                  (self._float64_search, _FLOAT64_ERROR * (self.dim + 8), _ABSOLUTE_ERROR64, float64_sizes)]
+        for level_search, error, absolute, sizes in levels:
+            for kc in sizes:
                 if not rows.numel():
                     return dist, index
                 kc = min(kc, len(self))
                 values, candidates = level_search(shifted[rows], kc)
-                dist[rows], index[rows] = self._rerank(x[rows], candidates, k)
-                if kc == len(self):
-                    return dist, index
-                threshold = values[:, k - 1].double() + 2 * (error * reach[rows].square() + absolute[rows])
-                rows = rows[values[:, kc - 1].double() <= threshold]
+                threshold = values[:, k - 1].double() + margin(error, absolute, rows)
+                short = ~(values[:, kc - 1].double() > threshold) & (kc < len(self))
+                done = ~short
+                if done.any():
+                    dist[rows[done]], index[rows[done]] = self._rerank(x[rows[done]], candidates[done], k)
+                rows = rows[short]
         if rows.numel():
             dist[rows], index[rows] = self._brute_force(x[rows], k)
         return dist, index
 
     def _float64_search(self, shifted, kc):
-        """The kc smallest float64 values ||x||^2 + ||c||^2 - 2 x.c, by chunks of the bank."""
+        """The kc smallest float64 values ||x||^2 + ||c||^2 - 2 x.c (ascending; which of equal
+        values come first does not matter here), by chunks of the bank. torch's topk, not the
+        kernel: its sorted insertion costs kc per candidate at the large kc of many ties."""
         queries = shifted.double()
-        chunk = max(kc, _RERANK_ELEMENTS // self.dim)
+        query_norms = queries.square().sum(1, keepdim=True)
+        chunk = max(kc, _RERANK_ELEMENTS // max(1, queries.shape[0], self.dim))
         best_v = best_i = None
         for start in range(0, len(self), chunk):
             block = self._searched[start:start + chunk].double()
-            v, i = ops.sphere_distance(queries, block, k=min(kc, block.shape[0]))
-            best_v, best_i = _merge_smallest(best_v, best_i, v, i + start, kc)
+            v = torch.addmm(query_norms + block.square().sum(1), queries, block.T, alpha=-2)
+            i = torch.arange(start, start + block.shape[0], device=v.device).expand_as(v)
+            if best_v is not None:
+                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+            best_v, order = v.topk(min(kc, v.shape[1]), dim=1, largest=False)
+            best_i = i.gather(1, order)
         return best_v, best_i
 
     def _rerank(self, x, candidates, k):
@@ -247,15 +273,22 @@ class MemoryBank:
         return dist, index
 
     def _brute_force(self, x, k):
-        """The k nearest rows by float64 differences against every row, in chunks."""
-        best_v = best_i = None
-        chunk = max(k, _RERANK_ELEMENTS // (x.shape[0] * self.dim))
-        for start in range(0, len(self), chunk):
-            block = self.features[start:start + chunk].double()
-            d = (x[:, None, :].double() - block[None]).square_().sum(-1)
-            ids = torch.arange(start, start + block.shape[0], device=x.device).expand_as(d)
-            best_v, best_i = _merge_smallest(best_v, best_i, d, ids, k)
-        return best_v.float(), best_i
+        """The k nearest rows by float64 differences against every row, in chunks of
+        queries and rows (bounded memory)."""
+        rows = max(k, 1024)
+        step = max(1, _RERANK_ELEMENTS // (rows * self.dim))
+        dist = torch.empty(x.shape[0], k, dtype=torch.float32, device=x.device)
+        index = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
+        for q0 in range(0, x.shape[0], step):
+            queries = x[q0:q0 + step, None, :].double()
+            best_v = best_i = None
+            for start in range(0, len(self), rows):
+                block = self.features[start:start + rows].double()
+                d = (queries - block[None]).square_().sum(-1)
+                ids = torch.arange(start, start + block.shape[0], device=x.device).expand_as(d)
+                best_v, best_i = _merge_smallest(best_v, best_i, d, ids, k)
+            dist[q0:q0 + step], index[q0:q0 + step] = best_v.float(), best_i
+        return dist, index
 
     # -- faiss ---------------------------------------------------------------------------
     def _faiss_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,10 +389,15 @@ class MemoryBank:
 def _relative_error(backend: str, x: torch.Tensor, dim: int) -> float:
     """A bound on the relative error of a float32 value ||x||^2 + ||c||^2 - 2 x.c, relative
     to (||x|| + ||c||)^2: D + 8 roundings of 2^-24 each (any summation order), doubled for
-    safety; 2^-8 for torch matmuls on CUDA, which may run in TF32 (10 mantissa bits)."""
-    if backend == "torch" and x.is_cuda:
-        return 2.0 ** -8
-    return 2.0 * (dim + 8) * 2.0 ** -24
+    safety. Where torch's matmul computes it (the torch backend, or the kernel backend
+    without a compiled kernel for the device) and float32 matmuls may run in TF32 or
+    bfloat16 (torch.set_float32_matmul_precision), each product keeps 8 to 10 bits: 2^-6
+    more. Our kernels never use reduced precision for float32 values."""
+    exact = 2.0 * (dim + 8) * 2.0 ** -24
+    uses_torch_matmul = backend == "torch" or (backend == "kernel" and not has_kernel("sphere_distance", x.device.type))
+    reduced = torch.get_float32_matmul_precision() != "highest" or (
+        x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
+    return exact + 2.0 ** -6 if uses_torch_matmul and reduced else exact
 
 
 def _merge_smallest(best_v, best_i, v, i, n):

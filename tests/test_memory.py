@@ -243,3 +243,53 @@ def test_search_ties_go_to_the_lowest_row_and_every_fallback_is_exact(monkeypatc
         dist, idx = bank.search(queries, 4, backend=backend)
         assert torch.equal(idx, expected[1]), backend
         torch.testing.assert_close(dist, expected[0], rtol=1e-6, atol=1e-9)
+
+
+def test_many_identical_rows_tie_to_the_lowest_rows_without_a_full_scan(monkeypatch):
+    # 300 copies of one row: every query near it ties 300 ways, more than the float32 level's
+    # candidates; the float64 level widens its list instead of comparing with every row.
+    g = torch.Generator().manual_seed(8)
+    features = torch.randn(3000, 32, generator=g)
+    features[1000:1300] = features[7]
+    queries = features[7] + 1e-3 * torch.randn(50, 32, generator=g)
+    monkeypatch.setattr(MemoryBank, "_brute_force", lambda *args: pytest.fail("compared with every row"))
+    dist, idx = MemoryBank(features).search(queries, 3)
+    assert idx.tolist() == [[7, 1000, 1001]] * 50
+    truth = (queries.double() - features[7].double()).square().sum(1)
+    torch.testing.assert_close(dist, truth[:, None].float().expand(50, 3))
+
+
+def test_features_that_overflow_relative_to_their_mean_are_refused():
+    # Each fits float32, but relative to the mean (which _search_origin subtracts) the last
+    # row's squared norm overflows: the torch backend then found row 0 at distance 2.6e38.
+    a = 8e18
+    features = (a + torch.arange(200, dtype=torch.float64) * 5e15).float()[:, None]
+    features[-1] = -a
+    with pytest.raises(ValueError, match="too large for float32 search relative to their mean"):
+        MemoryBank(features)
+
+
+def test_reduced_precision_torch_matmuls_widen_the_bound(monkeypatch):
+    # With torch.set_float32_matmul_precision("high") torch's products may run in TF32 (10
+    # bits); simulated here on the CPU by rounding the reference's inputs to 10 bits.
+    def tf32(t):
+        bits = t.float().view(torch.int32)
+        return ((bits + (1 << 12)) & ~((1 << 13) - 1)).view(torch.float32)
+
+    def tf32_reference(x, centers, radii=None, k=1):
+        dots = tf32(x) @ tf32(centers).T
+        values = (x.square().sum(1, keepdim=True) + centers.square().sum(1) - 2 * dots).clamp_min(0)
+        return values.sort(dim=1, stable=True)[0][:, :k], values.sort(dim=1, stable=True)[1][:, :k]
+
+    g = torch.Generator().manual_seed(9)
+    features, queries = torch.randn(4000, 8, generator=g), torch.randn(600, 8, generator=g)
+    truth = torch.cdist(queries.double(), features.double()).square().topk(2, largest=False).indices
+    monkeypatch.setattr(memory_module.reference, "sphere_distance", tf32_reference)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")
+        assert torch.equal(MemoryBank(features).search(queries, 2, backend="torch")[1], truth)
+        torch.set_float32_matmul_precision("highest")  # the float32 bound: TF32 errors exceed it
+        assert not torch.equal(MemoryBank(features).search(queries, 2, backend="torch")[1], truth)
+    finally:
+        torch.set_float32_matmul_precision(old)
