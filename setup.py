@@ -36,11 +36,14 @@ _SWITCH = {"auto": "auto", "": "auto", "1": "1", "on": "1", "true": "1", "yes": 
 with_cuda_env = _SWITCH.get(os.environ.get("SLSG_WITH_CUDA", "auto").strip().lower())
 if with_cuda_env is None:
     raise RuntimeError(f"SLSG_WITH_CUDA={os.environ['SLSG_WITH_CUDA']!r}: use auto, 1 (on) or 0 (off)")
-if with_cuda_env != "0" and os.environ.get("CUDA_HOME") and toolkit.find_cuda_home() != os.environ["CUDA_HOME"]:
-    # A wrong CUDA_HOME would otherwise be passed over for another toolkit without a word.
-    raise RuntimeError(f"CUDA_HOME={os.environ['CUDA_HOME']} holds no CUDA toolkit (bin/nvcc and "
-                       "include/cuda_runtime.h); fix it, unset it, or build without CUDA (SLSG_WITH_CUDA=0)")
 cuda_home = toolkit.find_cuda_home() if with_cuda_env != "0" else None
+if with_cuda_env != "0" and os.environ.get("CUDA_HOME") and cuda_home != os.environ["CUDA_HOME"]:
+    # A wrong CUDA_HOME would otherwise be passed over for another toolkit without a word.
+    message = (f"CUDA_HOME={os.environ['CUDA_HOME']} holds no CUDA toolkit (bin/nvcc and include/cuda_runtime.h); "
+               "fix it, unset it, or build without CUDA (SLSG_WITH_CUDA=0)")
+    if with_cuda_env == "1":
+        raise RuntimeError(message)
+    print(f"slsg: warning: {message}; using {cuda_home or 'no toolkit (CPU kernels only)'}")
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # before torch.utils.cpp_extension reads it
 

@@ -2,9 +2,11 @@
 # Set up (if needed), then train and evaluate the detector on real data (MVTec AD bottle
 # from ../shared/data by default) and print the metrics.
 set -euo pipefail
-# Paths given as arguments are the caller's: resolved before moving to the repository.
-DATA=${1:+$(realpath -m -- "$1")}
-OUT=${2:+$(realpath -m -- "$2")}
+# Paths given as arguments are the caller's: made absolute before moving to the repository
+# (portable: no realpath -m outside GNU coreutils).
+absolute() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
+DATA=${1:+$(absolute "$1")}
+OUT=${2:+$(absolute "$2")}
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate

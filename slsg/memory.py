@@ -27,7 +27,7 @@ INDEX_TYPES = ("flat", "ivfpq")
 FILE_NAME = "memory_bank.npz"
 FORMAT_VERSION = 1
 _EXTRA_CANDIDATES = 8  # candidates beyond k that exact search ranks in float64
-_MAX_CANDIDATES = 4096  # beyond this, a query is compared with every row (ties cost little here)
+_MAX_CANDIDATES = 4096  # largest candidate list of the float64 level (for k <= 4088); beyond it, every row
 _RERANK_ELEMENTS = 1 << 22  # float64 elements per re-ranking chunk (32 MiB)
 _ABSOLUTE_ERROR = 2 * 2.0 ** -126  # per term, for subnormal values flushed to zero
 _FLOAT64_ERROR = 2 * 2.0 ** -53  # per term of a float64 value (doubled: see _relative_error)
@@ -218,9 +218,10 @@ class MemoryBank:
         gaps = values[:, 1:].double() - values[:, :-1].double()
         rows = torch.nonzero(~(gaps > margin(relative_error, _ABSOLUTE_ERROR)[:, None]).all(1)).view(-1)
         first = k + _EXTRA_CANDIDATES
+        cap = max(first, _MAX_CANDIDATES)
         float64_sizes = [first]
-        while float64_sizes[-1] < min(len(self), _MAX_CANDIDATES):
-            float64_sizes.append(4 * float64_sizes[-1])
+        while float64_sizes[-1] < min(len(self), cap):
+            float64_sizes.append(min(4 * float64_sizes[-1], cap))
         levels = [(search, relative_error, _ABSOLUTE_ERROR, (first, 4 * first)),
                   (self._float64_search, _FLOAT64_ERROR * (self.dim + 8), _ABSOLUTE_ERROR64, float64_sizes)]
         for level_search, error, absolute, sizes in levels:
@@ -243,19 +244,24 @@ class MemoryBank:
         """The kc smallest float64 values ||x||^2 + ||c||^2 - 2 x.c (ascending; which of equal
         values come first does not matter here), by chunks of the bank. torch's topk, not the
         kernel: its sorted insertion costs kc per candidate at the large kc of many ties."""
-        queries = shifted.double()
-        query_norms = queries.square().sum(1, keepdim=True)
-        chunk = max(kc, _RERANK_ELEMENTS // max(1, queries.shape[0], self.dim))
-        best_v = best_i = None
-        for start in range(0, len(self), chunk):
-            block = self._searched[start:start + chunk].double()
-            v = torch.addmm(query_norms + block.square().sum(1), queries, block.T, alpha=-2)
-            i = torch.arange(start, start + block.shape[0], device=v.device).expand_as(v)
-            if best_v is not None:
-                v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-            best_v, order = v.topk(min(kc, v.shape[1]), dim=1, largest=False)
-            best_i = i.gather(1, order)
-        return best_v, best_i
+        step = 256  # queries at a time: memory stays bounded however many queries tie
+        chunk = max(kc, _RERANK_ELEMENTS // max(step, self.dim))
+        values = torch.empty(shifted.shape[0], kc, dtype=torch.float64, device=shifted.device)
+        index = torch.empty(shifted.shape[0], kc, dtype=torch.long, device=shifted.device)
+        for q0 in range(0, shifted.shape[0], step):
+            queries = shifted[q0:q0 + step].double()
+            query_norms = queries.square().sum(1, keepdim=True)
+            best_v = best_i = None
+            for start in range(0, len(self), chunk):
+                block = self._searched[start:start + chunk].double()
+                v = torch.addmm(query_norms + block.square().sum(1), queries, block.T, alpha=-2)
+                i = torch.arange(start, start + block.shape[0], device=v.device).expand_as(v)
+                if best_v is not None:
+                    v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
+                best_v, order = v.topk(min(kc, v.shape[1]), dim=1, largest=False)
+                best_i = i.gather(1, order)
+            values[q0:q0 + step], index[q0:q0 + step] = best_v, best_i
+        return values, index
 
     def _rerank(self, x, candidates, k):
         """The k nearest of each query's candidate rows [M, kc] by float64 differences; ties
@@ -390,14 +396,30 @@ def _relative_error(backend: str, x: torch.Tensor, dim: int) -> float:
     """A bound on the relative error of a float32 value ||x||^2 + ||c||^2 - 2 x.c, relative
     to (||x|| + ||c||)^2: D + 8 roundings of 2^-24 each (any summation order), doubled for
     safety. Where torch's matmul computes it (the torch backend, or the kernel backend
-    without a compiled kernel for the device) and float32 matmuls may run in TF32 or
-    bfloat16 (torch.set_float32_matmul_precision), each product keeps 8 to 10 bits: 2^-6
-    more. Our kernels never use reduced precision for float32 values."""
+    without a compiled kernel for the device) and may run in TF32 or bfloat16, each product
+    keeps 8 to 10 bits: 2^-6 more. Our kernels and faiss use float32 products."""
     exact = 2.0 * (dim + 8) * 2.0 ** -24
     uses_torch_matmul = backend == "torch" or (backend == "kernel" and not has_kernel("sphere_distance", x.device.type))
-    reduced = torch.get_float32_matmul_precision() != "highest" or (
-        x.is_cuda and torch.backends.cuda.matmul.allow_tf32)
-    return exact + 2.0 ** -6 if uses_torch_matmul and reduced else exact
+    return exact + 2.0 ** -6 if uses_torch_matmul and _reduced_precision_matmul(x.device.type) else exact
+
+
+def _reduced_precision_matmul(device_type: str) -> bool:
+    """Whether torch may run float32 matmuls on this device in TF32 or bfloat16: the
+    per-backend fp32_precision settings (torch >= 2.9), else set_float32_matmul_precision
+    ("high" allows TF32 on CUDA, "medium" bfloat16 as well)."""
+    settings = []
+    try:
+        matmul = torch.backends.cuda.matmul if device_type == "cuda" else torch.backends.mkldnn.matmul
+        settings = [matmul.fp32_precision, torch.backends.fp32_precision]
+    except AttributeError:  # an older torch
+        pass
+    if any(setting not in ("none", "ieee") for setting in settings):
+        return True
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # raised once the per-backend settings are in use: they decided above
+        return False
+    return legacy == "medium" or (device_type == "cuda" and (legacy == "high" or torch.backends.cuda.matmul.allow_tf32))
 
 
 def _merge_smallest(best_v, best_i, v, i, n):

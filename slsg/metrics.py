@@ -297,7 +297,9 @@ def _is_saturation(x: Any) -> bool:
     """Whether x can be the saturation threshold of a (mask, saturation) pair: a scalar number or None."""
     if x is None or isinstance(x, (numbers.Number, np.generic)):
         return True
-    return isinstance(x, (np.ndarray, torch.Tensor)) and x.ndim == 0
+    if isinstance(x, torch.Tensor):
+        return x.numel() == 1
+    return isinstance(x, np.ndarray) and x.size == 1  # also [1.0]-shaped, as float() took before
 
 
 def _spro_inputs(maps: Any, region_masks: Any) -> tuple[_Sweep, int]:
@@ -325,6 +327,8 @@ def _spro_inputs(maps: Any, region_masks: Any) -> tuple[_Sweep, int]:
             area = int(mask.sum())
             if area == 0:
                 raise ValueError(f"{where} is empty; every region needs at least one pixel")
+            if hasattr(saturation, "reshape"):  # a one-element array or tensor
+                saturation = saturation.reshape(())
             saturation = float(area if saturation is None else saturation)
             if not saturation > 0:
                 raise ValueError(f"{where}: saturation threshold must be positive, got {saturation}")

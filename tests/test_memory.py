@@ -270,8 +270,8 @@ def test_features_that_overflow_relative_to_their_mean_are_refused():
 
 
 def test_reduced_precision_torch_matmuls_widen_the_bound(monkeypatch):
-    # With torch.set_float32_matmul_precision("high") torch's products may run in TF32 (10
-    # bits); simulated here on the CPU by rounding the reference's inputs to 10 bits.
+    # With torch.set_float32_matmul_precision("medium") torch's CPU products may run in
+    # bfloat16 (TF32 on CUDA from "high"); simulated by rounding the reference's inputs to 10 bits.
     def tf32(t):
         bits = t.float().view(torch.int32)
         return ((bits + (1 << 12)) & ~((1 << 13) - 1)).view(torch.float32)
@@ -287,9 +287,46 @@ def test_reduced_precision_torch_matmuls_widen_the_bound(monkeypatch):
     monkeypatch.setattr(memory_module.reference, "sphere_distance", tf32_reference)
     old = torch.get_float32_matmul_precision()
     try:
-        torch.set_float32_matmul_precision("high")
+        torch.set_float32_matmul_precision("medium")
         assert torch.equal(MemoryBank(features).search(queries, 2, backend="torch")[1], truth)
         torch.set_float32_matmul_precision("highest")  # the float32 bound: TF32 errors exceed it
         assert not torch.equal(MemoryBank(features).search(queries, 2, backend="torch")[1], truth)
     finally:
         torch.set_float32_matmul_precision(old)
+
+
+def test_per_backend_precision_settings_are_read_without_error():
+    # torch.get_float32_matmul_precision() raises once the per-backend fp32_precision API is
+    # used: every exact search raised with it.
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is None or not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend fp32_precision")
+    bank = MemoryBank(torch.randn(100, 8))
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "bf16"
+        assert memory_module._reduced_precision_matmul("cpu")
+        for backend in ("kernel", "torch", "faiss"):
+            assert bank.search(torch.randn(3, 8), backend=backend)[1].shape == (3, 1)
+        matmul.fp32_precision = "ieee"
+        assert not memory_module._reduced_precision_matmul("cpu")
+    finally:
+        matmul.fp32_precision = old
+
+
+def test_queries_beyond_every_candidate_list_are_compared_with_every_row(monkeypatch):
+    # 300 identical rows and a candidate cap of 64: the float64 level cannot settle the tied
+    # queries, so the last resort compares them with every row.
+    g = torch.Generator().manual_seed(10)
+    features = torch.randn(3000, 16, generator=g)
+    features[1000:1300] = features[5]
+    queries = torch.cat([features[5] + 1e-3 * torch.randn(20, 16, generator=g), torch.randn(20, 16, generator=g)])
+    truth = (queries.double()[:, None] - features.double()[None]).square().sum(-1).sort(dim=1, stable=True)
+    monkeypatch.setattr(memory_module, "_MAX_CANDIDATES", 64)
+    calls = []
+    brute_force = MemoryBank._brute_force
+    monkeypatch.setattr(MemoryBank, "_brute_force", lambda self, x, k: calls.append(len(x)) or brute_force(self, x, k))
+    dist, idx = MemoryBank(features).search(queries, 3)
+    assert calls == [20]
+    assert torch.equal(idx, truth.indices[:, :3])
+    torch.testing.assert_close(dist.double(), truth.values[:, :3], rtol=1e-6, atol=1e-9)

@@ -246,7 +246,8 @@ def test_spro_tells_pairs_from_bare_masks_given_as_nested_lists():
     assert spro([scores], [[two_rows]], fpr_limit=1.0) == pytest.approx(1.0)
     assert spro([scores], [[(two_rows, 1)]], fpr_limit=1.0) == pytest.approx(1.0)
     region = np.array([[1, 1], [0, 0]], dtype=bool)
-    for pair in ((region, 1), [region, 1], (region, np.int64(1)), (region, torch.tensor(1.0)), [region.tolist(), 1.0]):
+    for pair in ((region, 1), [region, 1], (region, np.int64(1)), (region, torch.tensor(1.0)), [region.tolist(), 1.0],
+                 (region, np.array([1.0])), (region, torch.tensor([1.0]))):
         assert spro([scores], [[pair]], fpr_limit=1.0) == pytest.approx(spro([scores], [[(region, 1)]], fpr_limit=1.0))
     assert spro([scores], [[(region, None)]]) == spro([scores], [[region]])  # None: saturates at the area
     assert spro([scores], [[[[1, 1], [0, 0]]]]) == spro([scores], [[region]])

@@ -6,6 +6,8 @@ bounded by chunking so the fallback remains usable on real sizes.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Rows of the [rows, K] distance block the reference materialises at a time.
@@ -32,6 +34,8 @@ def sphere_distance(
         values = sq - radius_sq if radius_sq is not None else sq
         if k == 1:
             dist, index = values.min(1, keepdim=True)  # first minimum on ties
+        elif k <= _FEW:
+            dist, index = _smallest_few(values, k)
         else:
             dist, index = values.sort(dim=1, stable=True)  # stable: ties keep index order
             dist, index = dist[:, :k], index[:, :k]
@@ -40,6 +44,24 @@ def sphere_distance(
     if not dists:
         return x.new_empty((0, k)), torch.empty((0, k), dtype=torch.long, device=x.device)
     return torch.cat(dists), torch.cat(indices)
+
+
+_FEW = 8  # up to this k, k passes of min beat a sort of every row (MemoryBank asks k + 1)
+
+
+def _smallest_few(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest of each row, ascending, lowest index first on ties: k passes of min
+    (the first minimum), each taking its pick out. Overwrites ``values``."""
+    dists, indices = [], []
+    for _ in range(k):
+        d, i = values.min(1, keepdim=True)
+        dists.append(d)
+        indices.append(i)
+        values.scatter_(1, i, math.inf)
+    dist, index = torch.cat(dists, 1), torch.cat(indices, 1)
+    if not bool(torch.isfinite(dist).all()):  # a row of +inf values: a pick could repeat
+        raise ValueError("sphere_distance: values overflow (or are NaN); rescale the inputs")
+    return dist, index
 
 
 def topk_mean(scores: torch.Tensor, k: int) -> torch.Tensor:
