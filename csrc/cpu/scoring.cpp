@@ -27,6 +27,8 @@ namespace {
 // operands (measured here: ~30% more GFLOP/s than 256 x 4096).
 constexpr int64_t kQueryBlock = 1024;
 constexpr int64_t kCenterBlock = 1024;
+// Queries per block on the BLAS path, whatever the thread count (see sphere_distance_kernel).
+constexpr int64_t kBlasQueryBlock = 256;
 // With our AVX2 GEMM (gemm.h) the queries are packed once per block and centres go 256 at a
 // time: each 96-row slice of the [1024, 256] dot block then stays in L2 while it
 // accumulates over D (1024-wide blocks sent it to L3 once per 256 of D).
@@ -97,9 +99,12 @@ void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& centers,
   const int64_t M = x.size(0), K = centers.size(0), D = x.size(1);
   const bool use_own_gemm = std::is_same_v<scalar_t, float> && gemm::available();
   const int64_t kb_max = std::min<int64_t>(K, use_own_gemm ? kPackedCenterBlock : kCenterBlock);
-  // Small batches still spread over every thread.
+  // Small batches still spread over every thread. BLAS rounds a row's products differently
+  // for different block shapes, so its blocks do not follow the thread count (results
+  // would); our GEMM gives each row the same sums in any block.
   const int64_t per_thread = (M + at::get_num_threads() - 1) / at::get_num_threads();
-  const int64_t mb_max = std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, per_thread));
+  const int64_t mb_max = use_own_gemm ? std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, per_thread))
+                                      : std::min<int64_t>(M, kBlasQueryBlock);
   const int64_t num_blocks = (M + mb_max - 1) / mb_max;
   at::Tensor x_norm = squared_row_norms<scalar_t>(x, "x contains");
 

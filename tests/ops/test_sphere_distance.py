@@ -295,3 +295,22 @@ def test_values_that_overflow_the_expansion_are_refused(device):
         torch.ops.slsg.sphere_distance(x, -x, None, 1)
     dist, _ = torch.ops.slsg.sphere_distance(x / 2, -x / 2, None, 1)  # (5e18 + 5e18)^2 fits
     assert torch.isfinite(dist).all()
+
+
+@needs_extension
+def test_float64_results_do_not_depend_on_the_thread_count():
+    # Queries halfway between two centres: the float64 (BLAS) path's blocks followed the
+    # thread count, and their rounding flipped these near ties between 1 and 2 threads.
+    g = torch.Generator().manual_seed(12)
+    c = torch.randn(600, 33, generator=g, dtype=torch.float64)
+    x = (c[:40] + c[40:80]) / 2
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.slsg.sphere_distance(x, c, None, 2))
+    finally:
+        torch.set_num_threads(old)
+    for dist, index in results[1:]:
+        assert torch.equal(index, results[0][1]) and torch.equal(dist, results[0][0])
