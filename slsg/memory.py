@@ -205,7 +205,7 @@ class MemoryBank:
         (clusters far apart, whose norms dwarf the distances between neighbours) with up to
         _MAX_CANDIDATES candidates (many exact ties, e.g. duplicated rows), and in the end
         against every row. A NaN or Inf value (overflow) never settles a query."""
-        reach = shifted.double().norm(dim=1) + self._reach
+        reach = torch.linalg.vector_norm(shifted, dim=1, dtype=torch.float64) + self._reach
         # Searching relative to the origin rounds x - origin and c - origin in float32 once.
         shift = _SHIFT_ERROR if self._origin is not None else 0.0
 
@@ -242,26 +242,17 @@ class MemoryBank:
 
     def _float64_search(self, shifted, kc):
         """The kc smallest float64 values ||x||^2 + ||c||^2 - 2 x.c (ascending; which of equal
-        values come first does not matter here), by chunks of the bank. torch's topk, not the
-        kernel: its sorted insertion costs kc per candidate at the large kc of many ties."""
-        step = 256  # queries at a time: memory stays bounded however many queries tie
-        chunk = max(kc, _RERANK_ELEMENTS // max(step, self.dim))
-        values = torch.empty(shifted.shape[0], kc, dtype=torch.float64, device=shifted.device)
-        index = torch.empty(shifted.shape[0], kc, dtype=torch.long, device=shifted.device)
-        for q0 in range(0, shifted.shape[0], step):
-            queries = shifted[q0:q0 + step].double()
-            query_norms = queries.square().sum(1, keepdim=True)
-            best_v = best_i = None
-            for start in range(0, len(self), chunk):
-                block = self._searched[start:start + chunk].double()
-                v = torch.addmm(query_norms + block.square().sum(1), queries, block.T, alpha=-2)
-                i = torch.arange(start, start + block.shape[0], device=v.device).expand_as(v)
-                if best_v is not None:
-                    v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-                best_v, order = v.topk(min(kc, v.shape[1]), dim=1, largest=False)
-                best_i = i.gather(1, order)
-            values[q0:q0 + step], index[q0:q0 + step] = best_v, best_i
-        return values, index
+        values come first does not matter here). torch's topk, not the kernel: its sorted
+        insertion costs kc per candidate at the large kc of many ties."""
+        queries = shifted.double()
+        query_norms = queries.square().sum(1, keepdim=True)
+
+        def values(q0, q1, block):
+            return torch.addmm(query_norms[q0:q1] + block.square().sum(1), queries[q0:q1], block.T, alpha=-2)
+
+        # [256, rows] values and [rows, D] blocks at a time
+        rows = max(kc, _RERANK_ELEMENTS // max(256, self.dim))
+        return self._smallest_by_chunks(len(queries), kc, 256, rows, self._searched, values, stable=False)
 
     def _rerank(self, x, candidates, k):
         """The k nearest of each query's candidate rows [M, kc] by float64 differences; ties
@@ -279,22 +270,32 @@ class MemoryBank:
         return dist, index
 
     def _brute_force(self, x, k):
-        """The k nearest rows by float64 differences against every row, in chunks of
-        queries and rows (bounded memory)."""
+        """The k nearest rows by float64 differences against every row; ties go to the lowest."""
+        def values(q0, q1, block):
+            return (x[q0:q1, None, :].double() - block[None]).square_().sum(-1)
+
         rows = max(k, 1024)
-        step = max(1, _RERANK_ELEMENTS // (rows * self.dim))
-        dist = torch.empty(x.shape[0], k, dtype=torch.float32, device=x.device)
-        index = torch.empty(x.shape[0], k, dtype=torch.long, device=x.device)
-        for q0 in range(0, x.shape[0], step):
-            queries = x[q0:q0 + step, None, :].double()
-            best_v = best_i = None
+        step = max(1, _RERANK_ELEMENTS // (rows * self.dim))  # [step, rows, D] differences at a time
+        dist, index = self._smallest_by_chunks(len(x), k, step, rows, self.features, values, stable=True)
+        return dist.float(), index
+
+    def _smallest_by_chunks(self, m, n, step, rows, bank, values, stable):
+        """The n smallest ``values(q0, q1, block)`` [q1 - q0, rows in block] of each of m queries
+        over ``bank`` (float64 blocks of ``rows`` rows), ``step`` queries at a time so memory
+        stays bounded however many queries come; with ``stable``, equal values keep the lower
+        row first."""
+        best = torch.empty(m, n, dtype=torch.float64, device=bank.device)
+        index = torch.empty(m, n, dtype=torch.long, device=bank.device)
+        for q0 in range(0, m, step):
+            q1 = min(m, q0 + step)
+            v_best = i_best = None
             for start in range(0, len(self), rows):
-                block = self.features[start:start + rows].double()
-                d = (queries - block[None]).square_().sum(-1)
-                ids = torch.arange(start, start + block.shape[0], device=x.device).expand_as(d)
-                best_v, best_i = _merge_smallest(best_v, best_i, d, ids, k)
-            dist[q0:q0 + step], index[q0:q0 + step] = best_v.float(), best_i
-        return dist, index
+                block = bank[start:start + rows].double()
+                v = values(q0, q1, block)
+                i = torch.arange(start, start + block.shape[0], device=v.device).expand_as(v)
+                v_best, i_best = _merge_smallest(v_best, i_best, v, i, n, stable)
+            best[q0:q1], index[q0:q1] = v_best, i_best
+        return best, index
 
     # -- faiss ---------------------------------------------------------------------------
     def _faiss_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,13 +423,17 @@ def _reduced_precision_matmul(device_type: str) -> bool:
     return legacy == "medium" or (device_type == "cuda" and (legacy == "high" or torch.backends.cuda.matmul.allow_tf32))
 
 
-def _merge_smallest(best_v, best_i, v, i, n):
-    """The n smallest of two candidate lists [M, *]; the first list holds the lower indices,
-    so on equal values its entries come first."""
+def _merge_smallest(best_v, best_i, v, i, n, stable=True):
+    """The n smallest of two candidate lists [M, *], ascending. The first list holds the lower
+    indices, so with ``stable`` its entries come first on equal values; without, topk (faster)."""
     if best_v is not None:
         v, i = torch.cat([best_v, v], 1), torch.cat([best_i, i], 1)
-    v, order = v.sort(dim=1, stable=True)
-    return v[:, :n], i.gather(1, order[:, :n])
+    if stable:
+        v, order = v.sort(dim=1, stable=True)
+        v, order = v[:, :n], order[:, :n]
+    else:
+        v, order = v.topk(min(n, v.shape[1]), dim=1, largest=False)
+    return v, i.gather(1, order)
 
 
 def _search_origin(features: torch.Tensor, chunk: int = 65536) -> torch.Tensor | None:

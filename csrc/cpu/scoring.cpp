@@ -93,7 +93,7 @@ inline void select_row(scalar_t* w, scalar_t x_norm, const scalar_t* center_offs
 // something else) and run a single-threaded GEMM per block into a private buffer, so
 // there is one parallel region per call rather than a barrier per block.
 template <typename scalar_t>
-void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& centers,
+void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& x_norm, const at::Tensor& centers,
                             const at::Tensor& center_offset, const at::Tensor& radius_sq,
                             int64_t k, at::Tensor& dist, at::Tensor& index) {
   const int64_t M = x.size(0), K = centers.size(0), D = x.size(1);
@@ -106,7 +106,6 @@ void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& centers,
   const int64_t mb_max = use_own_gemm ? std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, per_thread))
                                       : std::min<int64_t>(M, kBlasQueryBlock);
   const int64_t num_blocks = (M + mb_max - 1) / mb_max;
-  at::Tensor x_norm = squared_row_norms<scalar_t>(x, "x contains");
 
   const scalar_t* xn = x_norm.data_ptr<scalar_t>();
   const scalar_t* cn = center_offset.data_ptr<scalar_t>();
@@ -170,8 +169,9 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
 
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sphere_distance_cpu", [&] {
     // ||c||^2 - r^2 is all the kernel needs per centre; r^2 alone serves the clamp.
+    const at::Tensor x_norm = squared_row_norms<scalar_t>(x, "x contains");
     at::Tensor center_offset = squared_row_norms<scalar_t>(centers, "centers contain");
-    check_expansion_fits(static_cast<double>(squared_row_norms<scalar_t>(x, "x contains").max().item<scalar_t>()),
+    check_expansion_fits(static_cast<double>(x_norm.max().item<scalar_t>()),
                          static_cast<double>(center_offset.max().item<scalar_t>()),
                          static_cast<double>(std::numeric_limits<scalar_t>::max()));
     at::Tensor radius_sq;
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
       TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf");
       center_offset -= radius_sq;
     }
-    sphere_distance_kernel<scalar_t>(x, centers, center_offset, radius_sq, k, dist, index);
+    sphere_distance_kernel<scalar_t>(x, x_norm, centers, center_offset, radius_sq, k, dist, index);
   });
   return {dist, index};
 }
