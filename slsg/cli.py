@@ -169,7 +169,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
                               coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
                               num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize,
-                              bit_depth=args.bit_depth)
+                              bit_depth=args.bit_depth, edge_band=args.edge_band)
     detector = MemoryBankDetector(config, progress=not args.quiet)
     train = open_dataset(data, "train", image_size=detector.dataset_image_size, bit_depth=args.bit_depth, **kwargs)
     # Opened before the fit, so a broken test layout fails in seconds, not after it.
@@ -335,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--coreset-ratio", type=_ratio, default=0.01,
                      help="share of training patches kept in the memory bank (default 0.01)")
     fit.add_argument("--embed-dim", type=_positive_int, default=None)
+    fit.add_argument("--edge-band", type=int, default=4, choices=range(0, 33), metavar="{0..32}",
+                     help="patches within this many grid cells of an image edge are scored against held-out "
+                          "normal images at the same offset from the edges (default 4; 0: off)")
     fit.add_argument("--bit-depth", type=int, default=None, choices=range(8, 17), metavar="{8..16}",
                      help="bits per sample of images wider than 8 bits, e.g. 12 for a 12-bit camera's 16-bit "
                           "files (default: their container's 16); kept with the model")

@@ -197,6 +197,18 @@ def _synthetic_layout(root: Path) -> Path:
     return root
 
 
+def test_fit_takes_the_edge_band(capsys, tmp_path):
+    data = _synthetic_layout(tmp_path / "toy")
+    code, _, err = run(capsys, "fit", "--data", data, "--out", tmp_path / "run", "--weights", "none",
+                       "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--no-eval", "--edge-band", 0)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "run" / "model" / "detector.json").read_text())
+    assert meta["config"]["edge_band"] == 0 and meta["fit_info"]["edge_levels"] is None
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--data", str(data), "--out", str(tmp_path / "bad"), "--edge-band", "-1"])
+    assert "edge-band" in capsys.readouterr().err
+
+
 def test_fit_then_test_reproduces_metrics(capsys, tmp_path):
     data = _synthetic_layout(tmp_path / "toy")
     run_dir = tmp_path / "run"

@@ -18,6 +18,12 @@ Design choices, and why:
   scale; squashing images of varied aspect ratio to a square (``resize="square"``, the usual
   PatchCore input) stretches each one differently. For a dataset of equal square images both
   modes give the same input.
+- Edge patches are measured against their own normal level (``edge_band``, slsg.detectors.edges):
+  on held-out normal images the cells at an image's edge lie further from the bank than interior
+  ones, so without this the maximum of a normal map sits at its edge in almost every image (97% on
+  MTD validation) and sets the bar an interior defect must clear. Each patch distance is divided by
+  the mean held-out normal distance of cells at the same offset from the edges. On MTD validation
+  (simulated anomalies, no test image) this raised image AUROC by 0.015-0.022 at three seeds.
 - Threshold from normal images only: a seeded share of the training images (``calibration_ratio``)
   is held out of the memory bank; their image scores against the bank estimate the score
   distribution of unseen normal images, and ``threshold_quantile`` of it becomes the threshold.
@@ -41,6 +47,7 @@ from slsg import ops
 from slsg.backbones import Backbone, create
 from slsg.detectors.base import (Detector, ModelError, check_image_batch, collate_images, gaussian_smooth,
                                  image_sizes, register)
+from slsg.detectors.edges import divide_by_edge_levels, edge_class_sums, levels_from_sums
 from slsg.data.io import check_bit_depth
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
@@ -71,6 +78,10 @@ class MemoryBankConfig:
     seed: int = 0
     sigma: float = 4.0  # Gaussian smoothing of the anomaly map, in pixels of the model's input
     score_topk: int = 1  # image score = mean of the top-k map values
+    # Cells within this many grid cells of an image edge are scored against the held-out normal
+    # level of their offset from the edges (slsg.detectors.edges); 0 turns it off. Needs held-out
+    # calibration images (calibration_ratio > 0). 4 cells = 32 px at stride 8.
+    edge_band: int = 4
     # PatchCore's image-score reweighting (Roth et al., eq. 7): scale the score by how isolated the
     # most anomalous patch's nearest normal patch is among its `score_reweight` nearest bank
     # neighbours. 0 turns it off; PatchCore (and anomalib) use 9. With these features the patch
@@ -104,6 +115,8 @@ class MemoryBankConfig:
             raise ValueError(f"embed_dim must be positive or None, got {self.embed_dim}")
         if self.score_reweight < 0 or self.score_reweight == 1:
             raise ValueError(f"score_reweight must be 0 (off) or at least 2 neighbours, got {self.score_reweight}")
+        if self.edge_band < 0:
+            raise ValueError(f"edge_band must be >= 0 (0: off), got {self.edge_band}")
         if self.score_topk < 1 or self.sigma < 0 or self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("score_topk and batch_size must be >= 1, sigma and num_workers >= 0")
 
@@ -120,6 +133,8 @@ class MemoryBankDetector(Detector):
         self.backbone: Backbone | None = None
         self._fast_backbone: Backbone | None = None  # fused inference copy of self.backbone
         self.bank: MemoryBank | None = None
+        # Mean held-out normal distance per edge class (slsg.detectors.edges); None: raw distances.
+        self.edge_levels: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ features
     def _backbone(self) -> Backbone:
@@ -204,11 +219,10 @@ class MemoryBankDetector(Detector):
         del features
 
         self.image_threshold = None
+        self.edge_levels = None
         cal_scores: list[float] = []
         if cal_index:
-            for images in self._batches(Subset(dataset, cal_index), "calibration"):
-                scores, _ = self.predict_each(images)
-                cal_scores += scores.tolist()
+            cal_scores = self._calibrate(Subset(dataset, cal_index))
             self.image_threshold = threshold_from_normal(cal_scores, cfg.threshold_quantile)
         self.fit_info.update({
             "train_images": len(bank_index),
@@ -217,11 +231,43 @@ class MemoryBankDetector(Detector):
             "bank_size": len(self.bank),
             "embedding_dim": int(self.bank.dim),
             "calibration_score_max": max(cal_scores) if cal_scores else None,
+            "edge_levels": self.edge_levels.tolist() if self.edge_levels is not None else None,
             "feature_seconds": feature_seconds,
             "coreset_seconds": coreset_seconds,
             "fit_seconds": time.perf_counter() - start,
         })
         return self
+
+    @torch.no_grad()
+    def _calibrate(self, held_out: Dataset) -> list[float]:
+        """Set the edge levels from the held-out normal images and return their image scores.
+        Each image is scored with the levels of the other held-out images (leave one out), as an
+        unseen image would be: with its own distances in its levels its score would be biased low,
+        and so would the threshold taken from these scores."""
+        band = self.config.edge_band
+        searched = []  # per image: its search results and sizes, to score it without a second search
+        for batch in self._batches(held_out, "calibration"):
+            for images in ([x[None] for x in batch] if isinstance(batch, list) else [batch]):
+                images = check_image_batch(images)
+                resized = self.resize_to_input(images)
+                dist, nearest, emb = self._search_patches(resized)
+                for i in range(len(images)):
+                    searched.append((dist[i:i + 1], nearest[i:i + 1],
+                                     emb[i:i + 1] if self.config.score_reweight else None,
+                                     resized.shape[-2:], images.shape[-2:]))
+        sums = [edge_class_sums(dist[0], band) for dist, *_ in searched] if band else []
+        total_sum = torch.stack([s for s, _ in sums]).sum(0) if sums else None
+        total_count = torch.stack([c for _, c in sums]).sum(0) if sums else None
+        self.edge_levels = levels_from_sums(total_sum, total_count) if sums else None
+        scores = []
+        for i, (dist, nearest, emb, input_size, out_size) in enumerate(searched):
+            levels = self.edge_levels
+            if levels is not None and len(searched) > 1:
+                levels = levels_from_sums(total_sum - sums[i][0], total_count - sums[i][1])
+                levels = self.edge_levels if levels is None else levels
+            score, _ = self._score(dist, nearest, emb, input_size, out_size, levels)
+            scores.append(float(score[0]))
+        return scores
 
     def _batches(self, dataset: Dataset, what: str):
         loader = DataLoader(dataset, batch_size=self.config.batch_size, shuffle=False,
@@ -292,7 +338,16 @@ class MemoryBankDetector(Detector):
 
     def _predict(self, resized: torch.Tensor, out_size: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         dist, nearest, emb = self._search_patches(resized)
-        maps = F.interpolate(dist[:, None].float(), size=resized.shape[-2:], mode="bilinear",
+        return self._score(dist, nearest, emb, resized.shape[-2:], out_size, self.edge_levels)
+
+    def _score(self, dist: torch.Tensor, nearest: torch.Tensor, emb: torch.Tensor | None,
+               input_size: torch.Size, out_size: torch.Size, edge_levels: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image scores and anomaly maps at ``out_size`` from the patch search of images resized to
+        ``input_size``, the distances divided by ``edge_levels`` when given."""
+        if edge_levels is not None:
+            dist = divide_by_edge_levels(dist, edge_levels, self.config.edge_band)
+        maps = F.interpolate(dist[:, None].float(), size=input_size, mode="bilinear",
                              align_corners=False)
         maps = gaussian_smooth(maps, self.config.sigma)
         if maps.shape[-2:] != out_size:
@@ -338,6 +393,24 @@ class MemoryBankDetector(Detector):
         self.backbone = backbone.to(self.device)
         self._fast_backbone = None
         self.bank = bank
+        self.edge_levels = self._saved_edge_levels(directory)
+
+    def _saved_edge_levels(self, directory: Path) -> torch.Tensor | None:
+        levels = self.fit_info.get("edge_levels")
+        if levels is None:  # fitted without edge levels (edge_band=0, no calibration images, older slsg)
+            return None
+        band = self.config.edge_band
+        if band == 0:
+            raise ModelError(f"{directory}: fit_info has edge_levels but the configuration's edge_band is 0")
+        expected = (2 * band + 1) ** 2
+        if (not isinstance(levels, list) or len(levels) != expected
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in levels)):
+            raise ModelError(f"{directory}: fit_info edge_levels must be a list of {expected} numbers "
+                             f"for edge_band={band}")
+        tensor = torch.tensor(levels, dtype=torch.float32)
+        if not (torch.isfinite(tensor).all() and (tensor > 0).all()):
+            raise ModelError(f"{directory}: fit_info edge_levels must be finite and positive")
+        return tensor
 
     def to(self, device: str | torch.device) -> "MemoryBankDetector":
         self.device = torch.device(device)

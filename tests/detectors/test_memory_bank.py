@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from slsg.detectors import MemoryBankConfig, MemoryBankDetector, ModelError, load_detector
 from slsg.detectors.base import gaussian_smooth
+from slsg.detectors.edges import edge_classes, estimate_edge_levels
 
 SIZE = 64
 
@@ -67,7 +68,19 @@ def test_threshold_comes_from_held_out_normal_images(fitted):
     info = fitted.fit_info
     assert info["calibration_images"] == 2 and info["train_images"] == 8
     held_out = torch.stack([normal_image(i) for i in info["calibration_indices"]])
-    scores, _ = fitted.predict(held_out)
+    # each held-out image is scored with the edge levels of the other held-out images only
+    raw = [fitted.patch_distances(x[None])[0] for x in held_out]
+    levels = fitted.edge_levels
+    scores = []
+    try:
+        for i in range(len(held_out)):
+            fitted.edge_levels = estimate_edge_levels(raw[:i] + raw[i + 1:], fitted.config.edge_band)
+            scores.append(fitted.predict(held_out[i:i + 1])[0])
+    finally:
+        fitted.edge_levels = levels
+    scores = torch.cat(scores)
+    # (one image at a time here, two per batch in fit: float32 sums differ in the last bits)
+    torch.testing.assert_close(levels, estimate_edge_levels(raw, fitted.config.edge_band), rtol=1e-5, atol=0)
     assert fitted.image_threshold == pytest.approx(float(np.quantile(scores.numpy().astype(np.float64), 0.99)),
                                                    rel=1e-5)
     # 8 bank images x 8x8 patches, half kept by the coreset
@@ -371,7 +384,9 @@ def test_score_reweighting_matches_patchcore_formula(fitted):
     emb = fitted.embed(images).flatten(1, 2)  # [B, P, D]
     for b in range(2):
         d_all = torch.cdist(emb[b].double(), bank.double())  # [P, N]
-        worst = d_all.min(1).values.argmax()
+        # the most anomalous patch: the largest nearest distance over its edge class's level
+        levels = fitted.edge_levels[edge_classes(SIZE // 8, SIZE // 8, fitted.config.edge_band)].flatten()
+        worst = (d_all.min(1).values / levels.double()).argmax()
         m_star = d_all[worst].argmin()
         support = torch.cdist(bank[m_star][None].double(), bank.double())[0].argsort()[:4]
         assert support[0] == m_star
