@@ -121,8 +121,11 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
         train_images = fit_info.get("train_images", 0) + fit_info.get("calibration_images", 0)
     dataset = _dataset_description(data, layout, kwargs, test, size, train_images)
     model = {"detector": detector.kind, "config": config_to_dict(detector.config),
-             **{k: v for k, v in fit_info.items() if k not in ("fit_seconds", "calibration_indices")},
+             **{k: v for k, v in fit_info.items() if k not in ("fit_seconds", "calibration_indices", "edge_levels")},
              "threads": torch.get_num_threads()}
+    levels = fit_info.get("edge_levels")
+    if levels:  # the saved model keeps all of them; the report says how much the edges were discounted
+        model["edge_level_max_over_min"] = max(levels) / min(levels)
     doc = write_report(out, ev, dataset, model, timings, heatmaps_per_type=args.heatmaps, bit_depth=bit_depth)
     _print_metrics(doc, out)
     return doc

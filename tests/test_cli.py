@@ -171,7 +171,7 @@ def test_end_to_end_on_real_bottle_images(capsys, tmp_path, shared_data):
     assert len(list((run_dir / "heatmaps").iterdir())) == 4  # one per defect type and one good
 
 
-def _synthetic_layout(root: Path) -> Path:
+def _synthetic_layout(root: Path, train: int = 5) -> Path:
     """A tiny MVTec AD layout of generated 40x48 images: bright squares are the defects."""
     import numpy as np
     from PIL import Image
@@ -186,7 +186,7 @@ def _synthetic_layout(root: Path) -> Path:
             pixels[mask > 0] = (250, 20, 20)
         return Image.fromarray(pixels), Image.fromarray(mask)
 
-    for split, defect, count in (("train", "good", 5), ("test", "good", 3), ("test", "spot", 3)):
+    for split, defect, count in (("train", "good", train), ("test", "good", 3), ("test", "spot", 3)):
         (root / split / defect).mkdir(parents=True)
         for i in range(count):
             im, mask = image(defect != "good")
@@ -204,6 +204,14 @@ def test_fit_takes_the_edge_band(capsys, tmp_path):
     assert code == 0, err
     meta = json.loads((tmp_path / "run" / "model" / "detector.json").read_text())
     assert meta["config"]["edge_band"] == 0 and meta["fit_info"]["edge_levels"] is None
+    data = _synthetic_layout(tmp_path / "toy20", train=20)  # 2 held-out images: enough for edge levels
+    code, _, err = run(capsys, "fit", "--data", data, "--out", tmp_path / "run2", "--weights", "none",
+                       "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--heatmaps", 0, "--edge-band", 2)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "run2" / "model" / "detector.json").read_text())
+    assert meta["config"]["edge_band"] == 2 and len(meta["fit_info"]["edge_levels"]) == 25
+    model = json.loads((tmp_path / "run2" / "metrics.json").read_text())["model"]
+    assert "edge_levels" not in model and model["edge_level_max_over_min"] >= 1
     with pytest.raises(SystemExit):
         cli.main(["fit", "--data", str(data), "--out", str(tmp_path / "bad"), "--edge-band", "-1"])
     assert "edge-band" in capsys.readouterr().err

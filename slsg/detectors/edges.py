@@ -27,7 +27,10 @@ def edge_classes(height: int, width: int, band: int, device: torch.device | str 
         i = torch.arange(length, device=device)
         from_end = length - 1 - i
         interior = torch.full_like(i, band)
-        return torch.where(i < band, i, torch.where(from_end < band, 2 * band - from_end, interior))
+        # In a grid shorter than 2 * band a cell lies within the band of both edges: the nearer
+        # one counts (the first, in the middle of an odd grid).
+        near_start = (i < band) & (i <= from_end)
+        return torch.where(near_start, i, torch.where(from_end < band, 2 * band - from_end, interior))
 
     return offsets(height)[:, None] * (2 * band + 1) + offsets(width)[None, :]
 
@@ -69,13 +72,12 @@ def levels_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor |
 
 
 def estimate_edge_levels(distance_maps: list[torch.Tensor], band: int) -> torch.Tensor | None:
-    """Mean distance per edge class [(2 * band + 1) ** 2] (float32) from the distance maps [h, w]
-    of held-out normal images; None when the maps hold no positive distance to divide by."""
-    n_classes = (2 * band + 1) ** 2 if band >= 1 else 0
-    sums = torch.zeros(n_classes, dtype=torch.float64)
-    counts = torch.zeros(n_classes, dtype=torch.float64)
+    """Levels per edge class [(2 * band + 1) ** 2] (float32, see ``levels_from_sums``) from the
+    distance maps [h, w] of held-out normal images; None when there is no positive floor."""
     if band < 1:
         raise ValueError(f"band must be at least 1, got {band}")
+    sums = torch.zeros((2 * band + 1) ** 2, dtype=torch.float64)
+    counts = torch.zeros_like(sums)
     for dist in distance_maps:
         s, c = edge_class_sums(dist, band)
         sums += s

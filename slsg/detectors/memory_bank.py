@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from slsg import ops
 from slsg.backbones import Backbone, create
-from slsg.detectors.base import (Detector, ModelError, check_image_batch, collate_images, gaussian_smooth,
-                                 image_sizes, register)
-from slsg.detectors.edges import divide_by_edge_levels, edge_class_sums, levels_from_sums
+from slsg.detectors.base import (Detector, ModelError, _read_meta, check_image_batch, collate_images,
+                                 gaussian_smooth, image_sizes, register)
+from slsg.detectors.edges import divide_by_edge_levels, edge_class_sums, edge_classes, levels_from_sums
 from slsg.data.io import check_bit_depth
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
@@ -243,28 +243,41 @@ class MemoryBankDetector(Detector):
         """Set the edge levels from the held-out normal images and return their image scores.
         Each image is scored with the levels of the other held-out images (leave one out), as an
         unseen image would be: with its own distances in its levels its score would be biased low,
-        and so would the threshold taken from these scores."""
-        band = self.config.edge_band
-        searched = []  # per image: its search results and sizes, to score it without a second search
+        and so would the threshold taken from these scores. So edge levels need at least two
+        held-out images; with one, the model keeps raw distances."""
+        cfg = self.config
+        searched = []  # per image: what scoring it needs, so that it is searched only once
         for batch in self._batches(held_out, "calibration"):
             for images in ([x[None] for x in batch] if isinstance(batch, list) else [batch]):
                 images = check_image_batch(images)
                 resized = self.resize_to_input(images)
                 dist, nearest, emb = self._search_patches(resized)
                 for i in range(len(images)):
-                    searched.append((dist[i:i + 1], nearest[i:i + 1],
-                                     emb[i:i + 1] if self.config.score_reweight else None,
+                    # Reweighting needs the embedding of the image's worst patch only, which under
+                    # any levels is the worst patch of one edge class: keep those rows, not all.
+                    rows = _class_maxima(dist[i], cfg.edge_band) if cfg.score_reweight else None
+                    kept = (rows, emb[i].reshape(-1, emb.shape[-1])[rows].clone()) if rows is not None else None
+                    searched.append((dist[i:i + 1].clone(), nearest[i:i + 1].clone(), kept,
                                      resized.shape[-2:], images.shape[-2:]))
-        sums = [edge_class_sums(dist[0], band) for dist, *_ in searched] if band else []
+        use_levels = cfg.edge_band > 0 and len(searched) >= 2
+        sums = [edge_class_sums(dist[0], cfg.edge_band) for dist, *_ in searched] if use_levels else []
         total_sum = torch.stack([s for s, _ in sums]).sum(0) if sums else None
         total_count = torch.stack([c for _, c in sums]).sum(0) if sums else None
         self.edge_levels = levels_from_sums(total_sum, total_count) if sums else None
         scores = []
-        for i, (dist, nearest, emb, input_size, out_size) in enumerate(searched):
+        for i, (dist, nearest, kept, input_size, out_size) in enumerate(searched):
             levels = self.edge_levels
-            if levels is not None and len(searched) > 1:
+            if levels is not None:
                 levels = levels_from_sums(total_sum - sums[i][0], total_count - sums[i][1])
+                # None only when the other images' interior distances are all 0 (duplicates of
+                # bank images): then this image's own levels are all there is.
                 levels = self.edge_levels if levels is None else levels
+            emb = None
+            if kept is not None:
+                rows, vectors = kept
+                emb = vectors.new_zeros(dist.numel(), vectors.shape[-1])
+                emb[rows] = vectors
+                emb = emb.reshape(*dist.shape, -1)
             score, _ = self._score(dist, nearest, emb, input_size, out_size, levels)
             scores.append(float(score[0]))
         return scores
@@ -396,8 +409,15 @@ class MemoryBankDetector(Detector):
         self.edge_levels = self._saved_edge_levels(directory)
 
     def _saved_edge_levels(self, directory: Path) -> torch.Tensor | None:
-        levels = self.fit_info.get("edge_levels")
-        if levels is None:  # fitted without edge levels (edge_band=0, no calibration images, older slsg)
+        if "edge_levels" not in self.fit_info:
+            # Models of slsg before edge levels have neither the key nor edge_band in their config,
+            # which then took the default: say what the model does, raw distances.
+            if "edge_band" in _read_meta(directory)["config"]:
+                raise ModelError(f"{directory}: fit_info lacks edge_levels (null or a list), which fit writes")
+            self.config.edge_band = 0
+            return None
+        levels = self.fit_info["edge_levels"]
+        if levels is None:  # fitted without edge levels (edge_band=0, fewer than 2 calibration images)
             return None
         band = self.config.edge_band
         if band == 0:
@@ -418,6 +438,23 @@ class MemoryBankDetector(Detector):
             self.backbone.to(self.device)
             self._fast_backbone = None
         return self
+
+
+def _class_maxima(dist: torch.Tensor, band: int) -> torch.Tensor:
+    """Flat indices of the cells of ``dist`` [h, w] where each edge class (the whole grid when
+    ``band`` is 0) first reaches its maximum, in the order argmax scans: dividing by per-class
+    levels then moves the argmax of the map only among these cells."""
+    flat = dist.reshape(-1)
+    if band == 0:
+        return flat.argmax().reshape(1)
+    classes = edge_classes(*dist.shape, band, device=dist.device).reshape(-1)
+    n_classes = (2 * band + 1) ** 2
+    class_max = flat.new_full((n_classes,), -math.inf).scatter_reduce(0, classes, flat, "amax")
+    at_max = flat == class_max[classes]
+    index = torch.arange(flat.numel(), device=dist.device)
+    first = torch.full((n_classes,), flat.numel(), device=dist.device).scatter_reduce(
+        0, classes[at_max], index[at_max], "amin")
+    return first[first < flat.numel()]
 
 
 def _collate_images(items: list[Any]) -> torch.Tensor | list[torch.Tensor]:

@@ -12,17 +12,26 @@ from test_memory_bank import SIZE, ListDataset, normal_image, with_defect
 
 
 def brute_force_class(r: int, c: int, h: int, w: int, band: int) -> tuple[int, int]:
-    """(row offset, column offset) of a cell, written out case by case."""
+    """(row offset, column offset) of a cell: the distance to the nearer edge, and which edge."""
     def offset(i: int, length: int) -> int:
-        if i < band:
-            return i  # near the first edge: its distance from it
-        if length - 1 - i < band:
-            return 2 * band - (length - 1 - i)  # near the far edge: 2*band for the last cell
-        return band  # interior
+        to_first, to_last = i, length - 1 - i
+        if min(to_first, to_last) >= band:
+            return band  # interior
+        if to_first <= to_last:
+            return to_first  # 0 on the first edge, band - 1 just inside it
+        return 2 * band - to_last  # 2 * band on the last edge, band + 1 just inside it
     return offset(r, h), offset(c, w)
 
 
-@pytest.mark.parametrize("h,w,band", [(9, 13, 2), (3, 20, 4), (1, 1, 1), (34, 16, 4), (8, 8, 4), (7, 7, 3)])
+def test_edge_classes_of_grids_shorter_than_twice_the_band():
+    # band 4: a 6-cell side has no interior; its last three cells belong to the far edge
+    assert edge_classes(1, 6, 4)[0].tolist() == [0, 1, 2, 6, 7, 8]
+    assert edge_classes(1, 4, 4)[0].tolist() == [0, 1, 7, 8]
+    assert edge_classes(1, 5, 4)[0].tolist() == [0, 1, 2, 7, 8]
+    assert edge_classes(1, 9, 4)[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("h,w,band", [(9, 13, 2), (3, 20, 4), (1, 1, 1), (34, 16, 4), (8, 8, 4), (7, 7, 3), (6, 5, 4), (40, 33, 20)])
 def test_edge_classes_match_case_by_case_offsets(h, w, band):
     classes = edge_classes(h, w, band)
     assert classes.shape == (h, w) and classes.dtype == torch.int64
@@ -166,9 +175,47 @@ def test_edge_levels_are_estimated_on_the_held_out_images(tmp_path):
     meta = json.loads((model / "detector.json").read_text())
     del meta["fit_info"]["edge_levels"]
     (model / "detector.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="lacks edge_levels"):  # fit always writes the key
+        load_detector(model)
+    del meta["config"]["edge_band"]  # as slsg saved models before edge levels
+    (model / "detector.json").write_text(json.dumps(meta))
     old = load_detector(model)
-    assert old.edge_levels is None
+    assert old.edge_levels is None and old.config.edge_band == 0
     torch.testing.assert_close(old.predict(image)[1], undivided)
+
+
+def test_threshold_uses_leave_one_out_levels_with_mixed_sizes_and_reweighting():
+    """Held-out images of several sizes (scored one by one) with PatchCore's reweighting, which
+    needs the worst patch's embedding: the threshold matches scoring each held-out image with the
+    levels of the others, recomputed here through predict."""
+    sizes = [(64, 64), (64, 96), (80, 64)]
+    images = [torch.nn.functional.interpolate(framed_image(i)[None], size=sizes[i % 3], mode="bilinear")[0]
+              for i in range(15)]
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.4, edge_band=3,
+                              score_reweight=3, threshold_quantile=0.8)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset(images))
+    held_out = [images[i] for i in detector.fit_info["calibration_indices"]]
+    assert len({x.shape for x in held_out}) > 1
+    raw = [detector.patch_distances(detector.resize_to_input(x[None]))[0] for x in held_out]
+    levels, scores = detector.edge_levels, []
+    try:
+        for i, x in enumerate(held_out):
+            detector.edge_levels = estimate_edge_levels(raw[:i] + raw[i + 1:], 3)
+            scores.append(float(detector.predict(x[None])[0]))
+    finally:
+        detector.edge_levels = levels
+    assert detector.image_threshold == pytest.approx(float(np.quantile(scores, 0.8)), rel=1e-5)
+    assert detector.fit_info["calibration_score_max"] == pytest.approx(max(scores), rel=1e-5)
+    # scoring each image with all levels, its own included, gives lower scores: the bias avoided
+    own = [float(detector.predict(x[None])[0]) for x in held_out]
+    assert np.mean(own) < np.mean(scores)
+
+
+def test_one_held_out_image_gives_no_edge_levels():
+    config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.2)
+    detector = MemoryBankDetector(config, progress=False).fit(ListDataset([framed_image(i) for i in range(5)]))
+    assert detector.fit_info["calibration_images"] == 1
+    assert detector.edge_levels is None and detector.fit_info["edge_levels"] is None
 
 
 @pytest.mark.parametrize("levels,match", [
@@ -204,3 +251,18 @@ def test_edge_band_validation_and_no_levels_without_held_out_images():
     config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.0)
     detector = MemoryBankDetector(config, progress=False).fit(ListDataset([framed_image(i) for i in range(4)]))
     assert detector.edge_levels is None and detector.fit_info["edge_levels"] is None
+
+
+def test_class_maxima_hold_the_argmax_under_any_levels():
+    from slsg.detectors.memory_bank import _class_maxima
+    g = torch.Generator().manual_seed(3)
+    for h, w, band in ((9, 13, 2), (4, 6, 4), (8, 8, 3)):
+        dist = torch.randint(0, 4, (h, w), generator=g).float()  # many ties
+        rows = _class_maxima(dist, band)
+        classes = edge_classes(h, w, band).reshape(-1)
+        assert len(rows) == len(set(classes.tolist()))  # one cell per class present
+        for _ in range(20):
+            levels = torch.rand((2 * band + 1) ** 2, generator=g) + 0.5
+            worst = int((dist.reshape(-1) / levels[classes]).argmax())
+            assert worst in rows.tolist()
+        assert _class_maxima(dist, 0).tolist() == [int(dist.reshape(-1).argmax())]
