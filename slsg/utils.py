@@ -27,15 +27,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
     try:
         yield tmp_path
-        _fsync(tmp_path)  # the writer may not have flushed (np.savez, faiss, PIL)
+        fsync_path(tmp_path)  # the writer may not have flushed (np.savez, faiss, PIL)
         os.replace(tmp_path, path)
-        _fsync(path.parent, directory=True)
+        fsync_path(path.parent, directory=True)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def _fsync(path: Path, directory: bool = False) -> None:
+def fsync_path(path: Path, directory: bool = False) -> None:
+    """Flush a file (or, with ``directory``, a folder's entries) to disk."""
     # A file opened for writing: Windows flushes only through a writable handle.
     flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if directory else os.O_RDWR
     try:

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from PIL import Image, ImageDraw
 
-from slsg.utils import _fsync, atomic_path, atomic_write_text
+from slsg.utils import atomic_path, atomic_write_text, fsync_path
 
 from ..base import list_images
 from ..datasets import detect_layout, open_dataset
@@ -174,7 +174,7 @@ def _move_into_place(staging: Path, out_dir: Path, names: list[str], stale: set[
         for name in names:
             os.replace(staging / name, out_dir / name)
             done.append((staging / name, out_dir / name))
-        _fsync(out_dir, directory=True)
+        fsync_path(out_dir, directory=True)
     except BaseException as error:
         try:
             for source, target in reversed(done):
