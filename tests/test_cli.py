@@ -198,13 +198,12 @@ def _synthetic_layout(root: Path, train: int = 5) -> Path:
 
 
 def test_fit_takes_the_edge_band(capsys, tmp_path):
-    data = _synthetic_layout(tmp_path / "toy")
+    data = _synthetic_layout(tmp_path / "toy20", train=20)  # 2 held-out images: enough for edge levels
     code, _, err = run(capsys, "fit", "--data", data, "--out", tmp_path / "run", "--weights", "none",
                        "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--no-eval", "--edge-band", 0)
     assert code == 0, err
     meta = json.loads((tmp_path / "run" / "model" / "detector.json").read_text())
     assert meta["config"]["edge_band"] == 0 and meta["fit_info"]["edge_levels"] is None
-    data = _synthetic_layout(tmp_path / "toy20", train=20)  # 2 held-out images: enough for edge levels
     code, _, err = run(capsys, "fit", "--data", data, "--out", tmp_path / "run2", "--weights", "none",
                        "--image-size", 32, "--coreset-ratio", 1.0, "--quiet", "--heatmaps", 0, "--edge-band", 2)
     assert code == 0, err
@@ -212,6 +211,14 @@ def test_fit_takes_the_edge_band(capsys, tmp_path):
     assert meta["config"]["edge_band"] == 2 and len(meta["fit_info"]["edge_levels"]) == 25
     model = json.loads((tmp_path / "run2" / "metrics.json").read_text())["model"]
     assert "edge_levels" not in model and model["edge_level_max_over_min"] >= 1
+    # slsg test on the saved model (with its levels) reproduces the fit's evaluation
+    first = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    code, _, err = run(capsys, "test", "--model", tmp_path / "run2", "--data", data, "--out", tmp_path / "again",
+                       "--quiet", "--heatmaps", 0)
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "threshold"):
+        assert again[key] == pytest.approx(first[key])
     with pytest.raises(SystemExit):
         cli.main(["fit", "--data", str(data), "--out", str(tmp_path / "bad"), "--edge-band", "-1"])
     assert "edge-band" in capsys.readouterr().err

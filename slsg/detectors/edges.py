@@ -61,8 +61,7 @@ def levels_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor |
     total = counts.sum()
     if total == 0:
         return None
-    n_classes = sums.numel()
-    band = (math.isqrt(n_classes) - 1) // 2
+    band = band_of_levels(sums)
     interior = band * (2 * band + 1) + band
     floor = sums[interior] / counts[interior] if counts[interior] > 0 else sums.sum() / total
     if not torch.isfinite(floor) or floor <= 0:
@@ -85,7 +84,16 @@ def estimate_edge_levels(distance_maps: list[torch.Tensor], band: int) -> torch.
     return levels_from_sums(sums, counts)
 
 
-def divide_by_edge_levels(dist: torch.Tensor, levels: torch.Tensor, band: int) -> torch.Tensor:
-    """Distances [B, h, w] divided by the level of each cell's edge class."""
-    classes = edge_classes(dist.shape[-2], dist.shape[-1], band, device=dist.device)
+def band_of_levels(levels: torch.Tensor) -> int:
+    """The band that ``(2 * band + 1) ** 2`` levels (or per-class sums) were made for."""
+    band = (math.isqrt(levels.numel()) - 1) // 2
+    if band < 1 or (2 * band + 1) ** 2 != levels.numel():
+        raise ValueError(f"edge levels must number (2 * band + 1) ** 2 for a band >= 1, got {levels.numel()}")
+    return band
+
+
+def divide_by_edge_levels(dist: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Distances [B, h, w] divided by the level of each cell's edge class (the band is the one
+    the levels were made for)."""
+    classes = edge_classes(dist.shape[-2], dist.shape[-1], band_of_levels(levels), device=dist.device)
     return dist / levels.to(dist.device, dist.dtype)[classes]

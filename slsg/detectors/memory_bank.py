@@ -48,7 +48,8 @@ from slsg import ops
 from slsg.backbones import Backbone, create
 from slsg.detectors.base import (Detector, ModelError, _read_meta, check_image_batch, collate_images,
                                  gaussian_smooth, image_sizes, register)
-from slsg.detectors.edges import divide_by_edge_levels, edge_class_sums, edge_classes, levels_from_sums
+from slsg.detectors.edges import (band_of_levels, divide_by_edge_levels, edge_class_sums, edge_classes,
+                                  levels_from_sums)
 from slsg.data.io import check_bit_depth
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
@@ -226,6 +227,12 @@ class MemoryBankDetector(Detector):
         if cal_index:
             cal_scores = self._calibrate(Subset(dataset, cal_index))
             self.image_threshold = threshold_from_normal(cal_scores, cfg.threshold_quantile)
+        if cfg.edge_band and self.edge_levels is None:
+            why = (f"they need at least 2 held-out normal images, and {n_cal} of {n} were held out "
+                   f"(calibration_ratio={cfg.calibration_ratio})" if n_cal < 2 else
+                   "the held-out images' interior patches all matched the memory bank exactly")
+            warnings.warn(f"edge levels (edge_band={cfg.edge_band}) are off for this model: {why}; "
+                          "edge patches are scored on raw distances", stacklevel=2)
         self.fit_info.update({
             "train_images": len(bank_index),
             "calibration_images": len(cal_index),
@@ -361,7 +368,7 @@ class MemoryBankDetector(Detector):
         """Image scores and anomaly maps at ``out_size`` from the patch search of images resized to
         ``input_size``, the distances divided by ``edge_levels`` when given."""
         if edge_levels is not None:
-            dist = divide_by_edge_levels(dist, edge_levels, self.config.edge_band)
+            dist = divide_by_edge_levels(dist, edge_levels)
         maps = F.interpolate(dist[:, None].float(), size=input_size, mode="bilinear",
                              align_corners=False)
         maps = gaussian_smooth(maps, self.config.sigma)
@@ -379,6 +386,9 @@ class MemoryBankDetector(Detector):
         return self.bank is not None
 
     def _save_weights(self, directory: Path, token: str) -> dict[str, str]:
+        if self.edge_levels is not None and band_of_levels(self.edge_levels) != self.config.edge_band:
+            raise RuntimeError(f"config.edge_band ({self.config.edge_band}) differs from the band the edge levels "
+                               f"were fitted with ({band_of_levels(self.edge_levels)}): fit again, or set it back")
         files = {"backbone": f"backbone-{token}.pt", "bank": f"bank-{token}.npz"}
         with atomic_path(directory / files["backbone"]) as tmp:
             torch.save(self._backbone().state_dict(), tmp)
@@ -417,6 +427,7 @@ class MemoryBankDetector(Detector):
             if "edge_band" in _read_meta(directory)["config"]:
                 raise ModelError(f"{directory}: fit_info lacks edge_levels (null or a list), which fit writes")
             self.config.edge_band = 0
+            self.fit_info["edge_levels"] = None  # as fit writes it, so that a re-saved copy loads
             return None
         levels = self.fit_info["edge_levels"]
         if levels is None:  # fitted without edge levels (edge_band=0, fewer than 2 calibration images)
@@ -445,7 +456,8 @@ class MemoryBankDetector(Detector):
 def _class_maxima(dist: torch.Tensor, band: int) -> torch.Tensor:
     """Flat indices of the cells of ``dist`` [h, w] where each edge class (the whole grid when
     ``band`` is 0) first reaches its maximum, in the order argmax scans: dividing by per-class
-    levels then moves the argmax of the map only among these cells."""
+    levels then moves the argmax of the map only among these cells (up to float32 rounding of
+    the division, which can tie two distances a few ulps apart)."""
     flat = dist.reshape(-1)
     if band == 0:
         return flat.argmax().reshape(1)

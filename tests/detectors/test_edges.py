@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slsg.detectors import MemoryBankConfig, MemoryBankDetector, ModelError, load_detector
-from slsg.detectors.edges import divide_by_edge_levels, edge_classes, estimate_edge_levels
+from slsg.detectors.edges import band_of_levels, divide_by_edge_levels, edge_classes, estimate_edge_levels
 
 from test_memory_bank import SIZE, ListDataset, normal_image, with_defect
 
@@ -107,11 +107,18 @@ def test_divide_by_edge_levels_divides_each_cell_by_its_class_level():
     g = torch.Generator().manual_seed(1)
     levels = torch.rand(25, generator=g) + 0.5
     dist = torch.rand(2, 6, 11, generator=g)
-    out = divide_by_edge_levels(dist, levels, 2)
+    out = divide_by_edge_levels(dist, levels)  # 25 levels: band 2
     for r in range(6):
         for c in range(11):
             dy, dx = brute_force_class(r, c, 6, 11, 2)
             torch.testing.assert_close(out[:, r, c], dist[:, r, c] / levels[dy * 5 + dx])
+
+
+def test_band_of_levels_needs_a_square_of_an_odd_number():
+    assert band_of_levels(torch.ones(9)) == 1 and band_of_levels(torch.ones(81)) == 4
+    for bad in (1, 4, 16, 80):
+        with pytest.raises(ValueError, match="number"):
+            band_of_levels(torch.ones(bad))
 
 
 def framed_image(seed: int) -> torch.Tensor:
@@ -182,6 +189,24 @@ def test_edge_levels_are_estimated_on_the_held_out_images(tmp_path):
     old = load_detector(model)
     assert old.edge_levels is None and old.config.edge_band == 0
     torch.testing.assert_close(old.predict(image)[1], undivided)
+    resaved = load_detector(old.save(tmp_path / "resaved"))  # and a copy saved by this slsg loads
+    assert resaved.edge_levels is None and resaved.config.edge_band == 0
+
+
+def test_changing_edge_band_after_fit_changes_nothing_and_cannot_be_saved(framed_model, tmp_path):
+    import copy
+    detector = copy.deepcopy(framed_model)
+    image = framed_image(301)[None]
+    scores, maps = detector.predict(image)
+    for band in (0, 2, 5):
+        detector.config.edge_band = band  # the levels keep the band they were fitted with
+        s2, m2 = detector.predict(image)
+        torch.testing.assert_close(s2, scores)
+        torch.testing.assert_close(m2, maps)
+        with pytest.raises(RuntimeError, match=r"edge_band \(%d\) differs" % band):
+            detector.save(tmp_path / "model")
+    detector.config.edge_band = 3
+    assert load_detector(detector.save(tmp_path / "model")).edge_levels is not None
 
 
 def test_threshold_uses_leave_one_out_levels_with_mixed_sizes_and_reweighting():
@@ -213,7 +238,8 @@ def test_threshold_uses_leave_one_out_levels_with_mixed_sizes_and_reweighting():
 
 def test_one_held_out_image_gives_no_edge_levels():
     config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.2)
-    detector = MemoryBankDetector(config, progress=False).fit(ListDataset([framed_image(i) for i in range(5)]))
+    with pytest.warns(UserWarning, match=r"edge levels \(edge_band=4\) are off .* 1 of 5 were held out"):
+        detector = MemoryBankDetector(config, progress=False).fit(ListDataset([framed_image(i) for i in range(5)]))
     assert detector.fit_info["calibration_images"] == 1
     assert detector.edge_levels is None and detector.fit_info["edge_levels"] is None
 
@@ -249,7 +275,8 @@ def test_edge_band_validation_and_no_levels_without_held_out_images():
     with pytest.raises(ValueError, match="edge_band"):
         MemoryBankConfig(edge_band=-1)
     config = MemoryBankConfig(image_size=SIZE, coreset_ratio=None, calibration_ratio=0.0)
-    detector = MemoryBankDetector(config, progress=False).fit(ListDataset([framed_image(i) for i in range(4)]))
+    with pytest.warns(UserWarning, match="edge levels .* are off .* 0 of 4 were held out"):
+        detector = MemoryBankDetector(config, progress=False).fit(ListDataset([framed_image(i) for i in range(4)]))
     assert detector.edge_levels is None and detector.fit_info["edge_levels"] is None
 
 
