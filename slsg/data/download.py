@@ -151,8 +151,10 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
     return int(start), int(total) if total.isdigit() else None
 
 
-def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, archive: Path) -> None:
-    """Download `url` into `part`, continuing from its current size when the server allows."""
+def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, archive: Path,
+           sha256: str | None = None) -> None:
+    """Download `url` into `part`, continuing from its current size when the server allows.
+    `sha256`, when known, lets a partial file the server calls complete be kept without its size."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "slsg-downloader"}
     if offset:
@@ -166,8 +168,10 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, a
             announced = (exc.headers.get("Content-Range") or "").rpartition("/")[2]
             if announced.isdigit() and int(announced) == offset:
                 return  # it is complete already
-            part.unlink()  # longer than the archive: it cannot be a prefix of it
-            return _fetch(url, part, timeout, progress, dataset, archive)
+            if not announced.isdigit() and sha256 is not None and _file_hash(part) == sha256:
+                return  # the server does not say the size, but the checksum says it is complete
+            part.unlink()  # longer than the archive, or not known to be it: start over
+            return _fetch(url, part, timeout, progress, dataset, archive, sha256)
         raise DownloadError(f"server refused {url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
@@ -297,7 +301,7 @@ def download(dataset: str, category: str | None, root: str | os.PathLike, url: s
 
     downloaded_now = not archive.exists()
     if downloaded_now:
-        _fetch(url, part, timeout, progress, dataset, archive)
+        _fetch(url, part, timeout, progress, dataset, archive, expected_sha256)
         if expected_sha256 is not None:
             actual = _file_hash(part)
             if actual != expected_sha256:

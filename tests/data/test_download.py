@@ -56,6 +56,7 @@ class _Server:
         self.payload = payload
         self.support_range = True
         self.cut_after: int | None = None  # close the connection after this many body bytes
+        self.announce_size_on_416 = True  # RFC 9110 says SHOULD; some servers send no Content-Range
         self.requests: list[dict] = []
         server = self
 
@@ -71,7 +72,8 @@ class _Server:
                     start = int(range_header.split("=")[1].split("-")[0])
                     if start >= len(data):
                         self.send_response(416)
-                        self.send_header("Content-Range", f"bytes */{len(data)}")
+                        if server.announce_size_on_416:
+                            self.send_header("Content-Range", f"bytes */{len(data)}")
                         self.end_headers()
                         return
                     self.send_response(206)
@@ -156,6 +158,22 @@ def test_complete_partial_file_gets_416(server, bottle_archive, tmp_path):
     (tmp_path / "bottle.tar.xz.part").write_bytes(bottle_archive)
     download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
     assert (tmp_path / "bottle" / "train" / "good").is_dir()
+
+
+def test_complete_partial_file_gets_416_without_its_size(server, bottle_archive, tmp_path):
+    server.announce_size_on_416 = False
+    (tmp_path / "bottle.tar.xz.part").write_bytes(bottle_archive)
+    download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert (tmp_path / "bottle" / "train" / "good").is_dir()
+    assert [r["range"] for r in server.requests] == [f"bytes={len(bottle_archive)}-"]  # kept: no second request
+
+
+def test_unknown_partial_file_gets_416_without_its_size_and_starts_over(server, bottle_archive, tmp_path):
+    server.announce_size_on_416 = False
+    (tmp_path / "bottle.tar.xz.part").write_bytes(bottle_archive + b"junk")  # not the archive
+    download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert (tmp_path / "bottle" / "train" / "good").is_dir()
+    assert [r["range"] for r in server.requests] == [f"bytes={len(bottle_archive) + 4}-", None]
 
 
 def test_wrong_checksum(server, tmp_path):
