@@ -177,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
     at::Tensor radius_sq;
     if (radii.has_value()) {
       radius_sq = radii->detach().to(x.scalar_type()).contiguous().square();
-      TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf");
+      TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf (or values too large to square)");
       center_offset -= radius_sq;
     }
     sphere_distance_kernel<scalar_t>(x, x_norm, centers, center_offset, radius_sq, k, dist, index);

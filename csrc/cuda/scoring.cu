@@ -483,9 +483,9 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cuda(const at::Tensor& x_in,
   bank.centers = centers_in.contiguous();
   const at::Tensor x_norm = row_norms(x, acc);
   const at::Tensor center_norm = row_norms(bank.centers, acc);
-  TORCH_CHECK(at::isfinite(x_norm).all().item<bool>(), "sphere_distance: x contains NaN or Inf");
+  TORCH_CHECK(at::isfinite(x_norm).all().item<bool>(), "sphere_distance: x contains NaN or Inf (or values too large to square)");
   TORCH_CHECK(at::isfinite(center_norm).all().item<bool>(),
-              "sphere_distance: centers contain NaN or Inf");
+              "sphere_distance: centers contain NaN or Inf (or values too large to square)");
   check_expansion_fits(x_norm.max().item<double>(), center_norm.max().item<double>(),
                        acc == at::kDouble ? std::numeric_limits<double>::max()
                                           : static_cast<double>(std::numeric_limits<float>::max()));
@@ -493,7 +493,7 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cuda(const at::Tensor& x_in,
   if (radii.has_value()) {
     bank.radius_sq = radii->to(acc).contiguous().square();
     TORCH_CHECK(at::isfinite(bank.radius_sq).all().item<bool>(),
-                "sphere_distance: radii contain NaN or Inf");
+                "sphere_distance: radii contain NaN or Inf (or values too large to square)");
     bank.offset = center_norm - bank.radius_sq;
   }
   if (dtype == at::kFloat && k <= kWarpK) {

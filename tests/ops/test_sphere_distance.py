@@ -225,6 +225,9 @@ def test_non_finite_input_is_rejected(device):
     radii[3] = float("nan")
     with pytest.raises(RuntimeError, match="radii contain NaN or Inf"):
         ops.sphere_distance(torch.randn(3, 4, device=device), torch.randn(5, 4, device=device), radii)
+    radii[3] = 1.9e19  # finite in float32, its square is not: the message must not only say "Inf"
+    with pytest.raises(RuntimeError, match="too large to square"):
+        ops.sphere_distance(torch.randn(3, 4, device=device), torch.randn(5, 4, device=device), radii)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to test device mismatch")
