@@ -152,9 +152,10 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
 
 
 def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, archive: Path,
-           sha256: str | None = None) -> None:
+           sha256: str | None = None) -> bool:
     """Download `url` into `part`, continuing from its current size when the server allows.
-    `sha256`, when known, lets a partial file the server calls complete be kept without its size."""
+    `sha256`, when known, lets a partial file the server calls complete be kept without its size.
+    True when `part` was checked against `sha256` here (so the caller need not hash it again)."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "slsg-downloader"}
     if offset:
@@ -167,9 +168,9 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, a
             # Range not satisfiable: the partial file is at least as long as the archive.
             announced = (exc.headers.get("Content-Range") or "").rpartition("/")[2]
             if announced.isdigit() and int(announced) == offset:
-                return  # it is complete already
+                return False  # it is complete already
             if not announced.isdigit() and sha256 is not None and _file_hash(part) == sha256:
-                return  # the server does not say the size, but the checksum says it is complete
+                return True  # the server does not say the size, but the checksum says it is complete
             part.unlink()  # longer than the archive, or not known to be it: start over
             return _fetch(url, part, timeout, progress, dataset, archive, sha256)
         raise DownloadError(f"server refused {url}: HTTP {exc.code} {exc.reason}") from exc
@@ -214,6 +215,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, a
     if total is not None and received != total:
         raise DownloadError(f"download of {url} stopped at {received} of {total} bytes; "
                             f"run again to resume from {part}")
+    return False
 
 
 def _check_member(member: tarfile.TarInfo, destination: Path) -> None:
@@ -301,8 +303,8 @@ def download(dataset: str, category: str | None, root: str | os.PathLike, url: s
 
     downloaded_now = not archive.exists()
     if downloaded_now:
-        _fetch(url, part, timeout, progress, dataset, archive, expected_sha256)
-        if expected_sha256 is not None:
+        verified = _fetch(url, part, timeout, progress, dataset, archive, expected_sha256)
+        if expected_sha256 is not None and not verified:
             actual = _file_hash(part)
             if actual != expected_sha256:
                 part.unlink()

@@ -50,6 +50,11 @@ def edge_class_sums(dist: torch.Tensor, band: int) -> tuple[torch.Tensor, torch.
     return sums, counts
 
 
+def total_class_sums(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sums and counts of several maps' ``edge_class_sums`` added up."""
+    return torch.stack([s for s, _ in parts]).sum(0), torch.stack([c for _, c in parts]).sum(0)
+
+
 def levels_from_sums(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
     """Level per edge class (float32): the mean distance of its cells, but never below the
     interior's (the mean over all cells where no cell is interior). Classes without cells take the
@@ -75,13 +80,9 @@ def estimate_edge_levels(distance_maps: list[torch.Tensor], band: int) -> torch.
     distance maps [h, w] of held-out normal images; None when there is no positive floor."""
     if band < 1:
         raise ValueError(f"band must be at least 1, got {band}")
-    sums = torch.zeros((2 * band + 1) ** 2, dtype=torch.float64)
-    counts = torch.zeros_like(sums)
-    for dist in distance_maps:
-        s, c = edge_class_sums(dist, band)
-        sums += s
-        counts += c
-    return levels_from_sums(sums, counts)
+    if not distance_maps:
+        return None
+    return levels_from_sums(*total_class_sums([edge_class_sums(dist, band) for dist in distance_maps]))
 
 
 def band_of_levels(levels: torch.Tensor) -> int:

@@ -49,7 +49,7 @@ from slsg.backbones import Backbone, create
 from slsg.detectors.base import (Detector, ModelError, _read_meta, check_image_batch, collate_images,
                                  gaussian_smooth, image_sizes, register)
 from slsg.detectors.edges import (band_of_levels, divide_by_edge_levels, edge_class_sums, edge_classes,
-                                  levels_from_sums)
+                                  levels_from_sums, total_class_sums)
 from slsg.data.io import check_bit_depth
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
@@ -270,8 +270,7 @@ class MemoryBankDetector(Detector):
                                      resized.shape[-2:], images.shape[-2:]))
         use_levels = cfg.edge_band > 0 and len(searched) >= 2
         sums = [edge_class_sums(dist[0], cfg.edge_band) for dist, *_ in searched] if use_levels else []
-        total_sum = torch.stack([s for s, _ in sums]).sum(0) if sums else None
-        total_count = torch.stack([c for _, c in sums]).sum(0) if sums else None
+        total_sum, total_count = total_class_sums(sums) if sums else (None, None)
         self.edge_levels = levels_from_sums(total_sum, total_count) if sums else None
         scores = []
         for i, (dist, nearest, kept, input_size, out_size) in enumerate(searched):
