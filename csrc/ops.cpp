@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cpu/gemm.h"
+#include "cpu/gemm_bf16.h"
 
 TORCH_LIBRARY(slsg, m) {
   // k smallest values over j of ||x_i - c_j||^2 - r_j^2, ascending, ties -> lowest j.
@@ -41,4 +42,5 @@ TORCH_LIBRARY(slsg, m) {
         "bool shared_qk=False) -> (Tensor, Tensor, Tensor, Tensor)");
   // Which matrix product the CPU scoring and kNN kernels use: "avx2" (ours) or "blas".
   m.def("cpu_gemm() -> str", []() -> std::string { return slsg::gemm::available() ? "avx2" : "blas"; });
+  m.def("cpu_screen() -> str", []() -> std::string { return slsg::gemm_bf16::available() ? "bf16" : "off"; });
 }

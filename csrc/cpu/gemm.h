@@ -145,6 +145,34 @@ __attribute__((target("avx2,fma"))) inline void micro_kernel(int64_t kc, const f
       c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r * kNR + j] : tile[r * kNR + j];
 }
 
+// out[t] = a[t] . b[t] (each of depth d) with the arithmetic of micro_kernel under nt_packed:
+// fused multiply-adds in depth order within each block of kKC, the blocks' sums added in
+// order. So out[t] is bit-equal to the corresponding entry of an nt_packed product, which
+// lets the screened scoring kernel compute a few chosen pairs exactly as the full product
+// would. Eight pairs at a time: independent chains keep both FMA units busy.
+__attribute__((target("avx2,fma"))) inline void pair_dots(const float* const* a, const float* const* b,
+                                                          int64_t n, int64_t d, float* out) {
+  constexpr int64_t kLanes = 8;
+  for (int64_t t0 = 0; t0 < n; t0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, n - t0);
+    const float* pa[kLanes];
+    const float* pb[kLanes];
+    float total[kLanes] = {};
+    for (int64_t l = 0; l < kLanes; ++l)  // idle lanes repeat the first pair
+      pa[l] = a[t0 + (l < lanes ? l : 0)], pb[l] = b[t0 + (l < lanes ? l : 0)];
+    for (int64_t p0 = 0; p0 < d; p0 += kKC) {
+      const int64_t p1 = std::min(d, p0 + kKC);
+      float acc[kLanes] = {};
+      for (int64_t p = p0; p < p1; ++p) {
+#pragma GCC unroll 8
+        for (int64_t l = 0; l < kLanes; ++l) acc[l] = __builtin_fmaf(pa[l][p], pb[l][p], acc[l]);
+      }
+      for (int64_t l = 0; l < kLanes; ++l) total[l] = p0 == 0 ? acc[l] : acc[l] + total[l];
+    }
+    for (int64_t l = 0; l < lanes; ++l) out[t0 + l] = total[l];
+  }
+}
+
 #endif  // SLSG_GEMM_AVX2
 
 inline float* aligned(std::vector<float>& v, int64_t n) {
@@ -189,38 +217,49 @@ __attribute__((target("avx2"))) inline void mirror_upper(float* C, int64_t m, in
 }
 #endif
 
+// The blocking of nt_packed, shared with gemm_bf16.h: C[m, n] (row stride ldc) from panels of
+// depth `depth` (packed words: floats here, bfloat16 pairs there) in slivers of MR rows of
+// A and NR rows of B, calling kernel(kc, a, b, c, ldc, accumulate, rows, cols) per
+// micro-tile. Rows go in blocks of MC, and each block runs all depth blocks (KC words)
+// before the next, so its [MC, n] slice of C stays in L2 while it accumulates (for n up to
+// ~256); B slivers stay in L1 across a block's micro-tiles. With `upper_only` (m == n)
+// micro-tiles wholly below the diagonal are skipped.
+template <int64_t MR, int64_t NR, int64_t KC, int64_t MC, typename Kernel>
+inline void for_each_micro_tile(int64_t m, int64_t n, int64_t depth, const float* ap, const float* bp,
+                                float* C, int64_t ldc, bool upper_only, Kernel kernel) {
+  if (depth == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
+    return;
+  }
+  const int64_t m_pad = round_up(m, MR), n_pad = round_up(n, NR);
+  for (int64_t i0 = 0; i0 < m; i0 += MC) {
+    const int64_t mc = std::min(MC, m - i0);
+    for (int64_t p0 = 0; p0 < depth; p0 += KC) {
+      const int64_t kc = std::min(KC, depth - p0);
+      const float* a = ap + m_pad * p0 + i0 * kc;
+      const float* b = bp + n_pad * p0;
+      for (int64_t j = 0; j < n; j += NR) {
+        const int64_t cols = std::min(NR, n - j);
+        for (int64_t i = 0; i < mc; i += MR) {
+          if (upper_only && j + NR <= i0 + i) continue;  // wholly below the diagonal
+          kernel(kc, a + i * kc, b + j * kc, C + (i0 + i) * ldc + j, ldc, p0 > 0, std::min(MR, mc - i), cols);
+        }
+      }
+    }
+  }
+}
+
 // C[m, n] (row stride ldc) = A . B^T from panels packed by pack_panel (A with kMR, B with
-// kNR, 32-byte aligned). Requires available(). Rows go in blocks of kMC, and each block
-// runs all depth blocks before the next, so its [kMC, n] slice of C stays in L2 while it
-// accumulates (for n up to ~256); B slivers stay in L1 across a block's micro-tiles.
+// kNR, 32-byte aligned). Requires available().
 // With `symmetric` (A and B the same rows, m == n) only micro-tiles that reach the diagonal
 // or above are computed, and the rest of C is mirrored from them: half the work. The
 // mirrored values are bit-equal to computed ones (the same products in the same order).
 inline void nt_packed(int64_t m, int64_t n, int64_t d, const float* ap, const float* bp, float* C,
                       int64_t ldc, bool symmetric = false) {
 #if SLSG_GEMM_AVX2
-  if (d == 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
-    return;
-  }
-  const int64_t m_pad = round_up(m, kMR), n_pad = round_up(n, kNR);
-  for (int64_t i0 = 0; i0 < m; i0 += kMC) {
-    const int64_t mc = std::min(kMC, m - i0);
-    for (int64_t p0 = 0; p0 < d; p0 += kKC) {
-      const int64_t kc = std::min(kKC, d - p0);
-      const float* a = ap + m_pad * p0 + i0 * kc;
-      const float* b = bp + n_pad * p0;
-      for (int64_t j = 0; j < n; j += kNR) {
-        const int64_t cols = std::min(kNR, n - j);
-        for (int64_t i = 0; i < mc; i += kMR) {
-          if (symmetric && j + kNR <= i0 + i) continue;  // wholly below the diagonal
-          micro_kernel(kc, a + i * kc, b + j * kc, C + (i0 + i) * ldc + j, ldc, p0 > 0,
-                       std::min(kMR, mc - i), cols);
-        }
-      }
-    }
-  }
-  if (symmetric) mirror_upper(C, m, ldc);
+  for_each_micro_tile<kMR, kNR, kKC, kMC>(m, n, d, ap, bp, C, ldc, symmetric,
+                                          [](auto... tile) { micro_kernel(tile...); });
+  if (symmetric && d > 0) mirror_upper(C, m, ldc);
 #else
   (void)m, (void)n, (void)d, (void)ap, (void)bp, (void)C, (void)ldc, (void)symmetric;
 #endif

@@ -4,6 +4,11 @@
 // GEMM on [Mb, D] x [D, Kb] blocks (our AVX2 micro-kernel, gemm.h; BLAS where the CPU
 // lacks AVX2 and for float64), followed by a streaming k-smallest selection over each block
 // row. Memory is bounded by the block buffers.
+//
+// On CPUs with AVX-512 BF16 the float32 kernel screens first: bfloat16 products (twice the
+// speed, gemm_bf16.h) give each value within a proven margin, and only the centres whose
+// lower bound does not exceed the k-th smallest upper bound are computed exactly, with the
+// same float32 arithmetic as the unscreened path. The results are bit-identical to it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -12,12 +17,14 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
 #include "../checks.h"
 #include "../selection.h"
 #include "gemm.h"
+#include "gemm_bf16.h"
 
 namespace slsg {
 namespace {
@@ -38,10 +45,11 @@ constexpr int64_t kPackedCenterBlock = 256;
 // into w_j = (||c_j||^2 - r_j^2) - 2 x.c_j in place and finds their minimum; most blocks
 // (all but the first few per row) hold no candidate better than the current k-th best and
 // are skipped without the branchy insertion pass.
-// Squared row norms of a contiguous [R, D] tensor, without an [R, D] temporary (at K = 200k,
-// D = 1024 that temporary alone would be 800 MB). Fails on non-finite rows.
+// Squared row norms of a contiguous [R, D] tensor (of its rows minus `shift`, when given),
+// without an [R, D] temporary (at K = 200k, D = 1024 that temporary alone would be 800 MB).
+// Fails on non-finite rows.
 template <typename scalar_t>
-at::Tensor squared_row_norms(const at::Tensor& t, const char* what) {
+at::Tensor squared_row_norms(const at::Tensor& t, const char* what, const scalar_t* shift = nullptr) {
   const int64_t R = t.size(0), D = t.size(1);
   at::Tensor out = at::empty({R}, t.options());
   const scalar_t* data = t.data_ptr<scalar_t>();
@@ -51,8 +59,13 @@ at::Tensor squared_row_norms(const at::Tensor& t, const char* what) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* row = data + r * D;
       scalar_t s = 0;
+      if (shift) {
 #pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
+        for (int64_t d = 0; d < D; ++d) s += (row[d] - shift[d]) * (row[d] - shift[d]);
+      } else {
+#pragma omp simd reduction(+ : s)
+        for (int64_t d = 0; d < D; ++d) s += row[d] * row[d];
+      }
       o[r] = s;
       if (!std::isfinite(s)) finite = false;
     }
@@ -89,14 +102,49 @@ inline void select_row(scalar_t* w, scalar_t x_norm, const scalar_t* center_offs
   }
 }
 
+// The query rows and centre terms every block reads, and where results go.
+template <typename scalar_t>
+struct Search {
+  const at::Tensor& x;
+  const at::Tensor& centers;
+  const scalar_t* x_norm;
+  const scalar_t* center_offset;  // ||c||^2 - r^2
+  const scalar_t* radius_sq;      // r^2, or null
+  scalar_t* dist;
+  int64_t* index;
+  int64_t k;
+};
+
+// Exact values of `rows` float32 query rows (contiguous [rows, D] at xb; row i is query
+// ids[i], or first + i when ids is null) against every centre, with our GEMM: each row gets
+// the same sums whatever the block, which the screened path relies on.
+inline void exact_rows_own_gemm(const Search<float>& s, const float* xb, int64_t rows, const int64_t* ids,
+                                int64_t first, int64_t kb_max, float* buffer,
+                                std::vector<float>& query_panel, std::vector<float>& center_panel) {
+  const int64_t K = s.centers.size(0), D = s.x.size(1);
+  float* ap = gemm::aligned(query_panel, gemm::panel_size(rows, D, gemm::kMR));
+  gemm::pack_panel(xb, D, rows, D, gemm::kMR, ap);  // packed once, used against every block of centres
+  const float* c = s.centers.data_ptr<float>();
+  for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
+    const int64_t kb = std::min(kb_max, K - k0);
+    float* bp = gemm::aligned(center_panel, gemm::panel_size(kb, D, gemm::kNR));
+    gemm::pack_panel(c + k0 * D, D, kb, D, gemm::kNR, bp);
+    gemm::nt_packed(rows, kb, D, ap, bp, buffer, kb);
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = ids ? ids[i] : first + i;
+      select_row<float>(buffer + i * kb, s.x_norm[row], s.center_offset + k0,
+                        s.radius_sq ? s.radius_sq + k0 : nullptr, k0, kb, s.dist + row * s.k,
+                        s.index + row * s.k, s.k);
+    }
+  }
+}
+
 // Threads pull blocks of queries from a shared counter (robust when a core is busy with
 // something else) and run a single-threaded GEMM per block into a private buffer, so
 // there is one parallel region per call rather than a barrier per block.
 template <typename scalar_t>
-void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& x_norm, const at::Tensor& centers,
-                            const at::Tensor& center_offset, const at::Tensor& radius_sq,
-                            int64_t k, at::Tensor& dist, at::Tensor& index) {
-  const int64_t M = x.size(0), K = centers.size(0), D = x.size(1);
+void sphere_distance_kernel(const Search<scalar_t>& s) {
+  const int64_t M = s.x.size(0), K = s.centers.size(0);
   const bool use_own_gemm = std::is_same_v<scalar_t, float> && gemm::available();
   const int64_t kb_max = std::min<int64_t>(K, use_own_gemm ? kPackedCenterBlock : kCenterBlock);
   // Small batches still spread over every thread. BLAS rounds a row's products differently
@@ -106,49 +154,337 @@ void sphere_distance_kernel(const at::Tensor& x, const at::Tensor& x_norm, const
   const int64_t mb_max = use_own_gemm ? std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, per_thread))
                                       : std::min<int64_t>(M, kBlasQueryBlock);
   const int64_t num_blocks = (M + mb_max - 1) / mb_max;
-
-  const scalar_t* xn = x_norm.data_ptr<scalar_t>();
-  const scalar_t* cn = center_offset.data_ptr<scalar_t>();
-  const scalar_t* r2 = radius_sq.defined() ? radius_sq.data_ptr<scalar_t>() : nullptr;
-  scalar_t* out_d = dist.data_ptr<scalar_t>();
-  int64_t* out_i = index.data_ptr<int64_t>();
   std::atomic<int64_t> next_block{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_blocks);
 
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = at::empty({mb_max * kb_max}, x.options());
+    at::Tensor buffer = at::empty({mb_max * kb_max}, s.x.options());
     std::vector<float> query_panel, center_panel;  // packed operands of the AVX2 GEMM
     for (int64_t worker = begin; worker < end; ++worker) {
       for (int64_t blk = next_block++; blk < num_blocks; blk = next_block++) {
         const int64_t m0 = blk * mb_max, mb = std::min(mb_max, M - m0);
-        const at::Tensor xb = x.narrow(0, m0, mb);
-        const float* ap = nullptr;
-        if (use_own_gemm) {  // packed once, used against every block of centres
-          float* panel = gemm::aligned(query_panel, gemm::panel_size(mb, D, gemm::kMR));
-          gemm::pack_panel(reinterpret_cast<const float*>(xb.data_ptr()), D, mb, D, gemm::kMR, panel);
-          ap = panel;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (use_own_gemm) {
+            exact_rows_own_gemm(s, s.x.template data_ptr<float>() + m0 * s.x.size(1), mb, nullptr, m0, kb_max,
+                                buffer.data_ptr<float>(), query_panel, center_panel);
+            continue;
+          }
         }
+        const at::Tensor xb = s.x.narrow(0, m0, mb);
         for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
           const int64_t kb = std::min(kb_max, K - k0);
           scalar_t* dp = buffer.data_ptr<scalar_t>();
-          if (use_own_gemm) {
-            float* bp = gemm::aligned(center_panel, gemm::panel_size(kb, D, gemm::kNR));
-            gemm::pack_panel(reinterpret_cast<const float*>(centers.data_ptr()) + k0 * D, D, kb, D,
-                             gemm::kNR, bp);
-            gemm::nt_packed(mb, kb, D, ap, bp, reinterpret_cast<float*>(dp), kb);
-          } else {
-            at::Tensor dots = buffer.narrow(0, 0, mb * kb).view({mb, kb});
-            at::mm_out(dots, xb, centers.narrow(0, k0, kb).t());
-          }
+          at::Tensor dots = buffer.narrow(0, 0, mb * kb).view({mb, kb});
+          at::mm_out(dots, xb, s.centers.narrow(0, k0, kb).t());
           for (int64_t i = 0; i < mb; ++i) {
             const int64_t row = m0 + i;
-            select_row<scalar_t>(dp + i * kb, xn[row], cn + k0, r2 ? r2 + k0 : nullptr, k0, kb,
-                                 out_d + row * k, out_i + row * k, k);
+            select_row<scalar_t>(dp + i * kb, s.x_norm[row], s.center_offset + k0,
+                                 s.radius_sq ? s.radius_sq + k0 : nullptr, k0, kb, s.dist + row * s.k,
+                                 s.index + row * s.k, s.k);
           }
         }
       }
     }
   });
+}
+
+// ---- screened float32 path (AVX-512 BF16) ------------------------------------------------
+
+// Below this depth, or with fewer centres, the screen's extra passes (a row's first block
+// of centres is all candidates) cost more than its faster products save.
+constexpr int64_t kScreenMinDim = 48;
+constexpr int64_t kScreenMinCenters = 1024;
+// Larger k keeps more candidates per row than the screen can hold.
+constexpr int64_t kScreenMaxK = 64;
+// Candidates a row may hold: at most 1024, and at most K / 16 (one candidate computed alone
+// costs about as much as 16 columns of the exact GEMM). A row that keeps more than half of
+// them after pruning (values too close together for the bfloat16 margin, e.g. duplicates)
+// is computed exactly instead.
+inline int64_t candidate_cap(int64_t K, int64_t k) {
+  return std::max<int64_t>(8 * k, std::min<int64_t>(1024, K / 16));
+}
+// Candidate pairs computed exactly at a time.
+constexpr int64_t kPairGroup = 16384;
+
+// The screen works on rows minus a shift (the mean of some centres): distances do not
+// change, and the bfloat16 errors, which grow with the operands' norms, shrink for features
+// far from the origin (non-negative CNN features). Per query and centre it needs the
+// shifted squared norms and lengths, and the unshifted lengths for the exact side's error.
+struct ScreenTerms {
+  at::Tensor shift;          // [D]
+  at::Tensor x_norm;         // ||x - shift||^2
+  at::Tensor x_length;       // ||x - shift||
+  at::Tensor x_length_u;     // ||x||
+  at::Tensor center_offset;  // ||c - shift||^2 - r^2
+  at::Tensor center_length;  // sqrt(||c - shift||^2 + r^2)
+  at::Tensor center_length_u;  // sqrt(||c||^2 + r^2)
+};
+
+// How far a screened value can be from the exact float32 value of the same pair:
+// shifted * reach_s^2 + exact * reach_u^2 + absolute * (reach_s + reach_u + 2), with
+// reach_s = ||x - shift|| + sqrt(||c - shift||^2 + r^2) and reach_u the same unshifted.
+// Screen side: each bfloat16 operand is within 2^-9 of its float32 (round to nearest), so
+// each product is within 2^-8 + 2^-18 of the exact one, and 2 x.c moves by at most that
+// times 2 sum|x_d c_d| <= 2 ||x|| ||c|| <= reach^2 / 2; in float32, summing D products,
+// summing the squared norms (D terms each) and adding three terms of magnitude <= reach^2
+// adds (2D + 3) 2^-24 reach^2; the shifted rows' own rounding (2^-24 per entry) is far
+// inside the 2^-16 of slack. Exact side: the same float32 sums and norms, on the unshifted
+// rows. Float32 terms are doubled for slack: (D + 3) 2^-22. Flushing
+// subnormal operands, products or partial sums (the bfloat16 instructions do;
+// torch.set_flush_denormal makes the exact side do it too) moves each of the 2D terms by
+// less than FLT_MIN times the other factor (<= its reach) or by less than FLT_MIN.
+struct ScreenBound {
+  float shifted;
+  float exact;
+  float absolute;
+  explicit ScreenBound(int64_t D)
+      : shifted(std::ldexp(1.0f, -9) + std::ldexp(1.0f, -16) + static_cast<float>(D + 3) * std::ldexp(1.0f, -22)),
+        exact(static_cast<float>(D + 3) * std::ldexp(1.0f, -22)),
+        absolute(4.0f * static_cast<float>(D) * std::numeric_limits<float>::min()) {}
+};
+
+// A query row's centres that the screen could not rule out, in increasing index order,
+// with the lower bounds of their values.
+struct Candidates {
+  std::vector<int64_t> index;
+  std::vector<float> lower;
+  bool overflow = false;  // too many: the row is computed exactly instead
+
+  void reset() { index.clear(), lower.clear(), overflow = false; }
+
+  // Drops candidates whose lower bound exceeds the current k-th smallest upper bound.
+  void prune(float worst) {
+    size_t kept = 0;
+    for (size_t c = 0; c < index.size(); ++c)
+      if (!(lower[c] > worst)) index[kept] = index[c], lower[kept] = lower[c], ++kept;
+    index.resize(kept), lower.resize(kept);
+  }
+};
+
+// One query row against one block of screened values (approx[j] ~= shifted x.c_{k0+j}):
+// keeps the k smallest upper bounds in upper/upper_index and adds every centre whose lower
+// bound does not exceed the k-th of them to the candidates. `lower` is scratch of kb floats.
+struct ScreenRow {  // the query's terms (shifted norm and lengths)
+  float norm, length, length_u;
+};
+
+// Bounds of one row's block of screened values: lower[j], and upper[j] in place of approx[j]
+// (NaN, from inf - inf, becomes no bound). Writes the offsets j whose lower bound does not
+// exceed `worst` to hits, ascending, and returns their count. AVX-512: only CPUs that screen
+// call it (gemm_bf16::available()).
+#if SLSG_GEMM_AVX2
+__attribute__((target("avx512f"))) inline int64_t screen_bounds(
+    float* approx, const ScreenRow& q, const float* center_offset, const float* center_length,
+    const float* center_length_u, int64_t kb, const ScreenBound& bound, float worst, float* lower,
+    int32_t* hits) {
+  const __m512 norm = _mm512_set1_ps(q.norm), length = _mm512_set1_ps(q.length);
+  const __m512 length_u = _mm512_set1_ps(q.length_u), two = _mm512_set1_ps(2.0f);
+  const __m512 shifted = _mm512_set1_ps(bound.shifted), exact = _mm512_set1_ps(bound.exact);
+  const __m512 absolute = _mm512_set1_ps(bound.absolute), limit = _mm512_set1_ps(worst);
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t j = 0; j < kb; j += 16) {
+    const __mmask16 valid = static_cast<__mmask16>(kb - j >= 16 ? 0xFFFF : (1u << (kb - j)) - 1);
+    const __m512 dot = _mm512_maskz_loadu_ps(valid, approx + j);
+    const __m512 v = _mm512_add_ps(norm, _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, center_offset + j),
+                                                       _mm512_mul_ps(two, dot)));
+    const __m512 reach = _mm512_add_ps(length, _mm512_maskz_loadu_ps(valid, center_length + j));
+    const __m512 reach_u = _mm512_add_ps(length_u, _mm512_maskz_loadu_ps(valid, center_length_u + j));
+    const __m512 margin = _mm512_add_ps(
+        _mm512_add_ps(_mm512_mul_ps(reach, _mm512_add_ps(_mm512_mul_ps(shifted, reach), absolute)),
+                      _mm512_mul_ps(reach_u, _mm512_add_ps(_mm512_mul_ps(exact, reach_u), absolute))),
+        _mm512_mul_ps(two, absolute));
+    __m512 lo = _mm512_sub_ps(v, margin), hi = _mm512_add_ps(v, margin);
+    lo = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(lo, lo, _CMP_ORD_Q), _mm512_sub_ps(_mm512_setzero_ps(), inf), lo);
+    hi = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(hi, hi, _CMP_ORD_Q), inf, hi);
+    _mm512_mask_storeu_ps(lower + j, valid, lo);
+    _mm512_mask_storeu_ps(approx + j, valid, hi);
+    const __mmask16 hit = valid & _mm512_cmp_ps_mask(lo, limit, _CMP_LE_OQ);
+    if (hit) {
+      _mm512_mask_compressstoreu_epi32(hits + n, hit, _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(j))));
+      n += __builtin_popcount(hit);
+    }
+  }
+  return n;
+}
+#else
+inline int64_t screen_bounds(float*, const ScreenRow&, const float*, const float*, const float*, int64_t,
+                             const ScreenBound&, float, float*, int32_t*) {
+  return 0;  // never called: screening needs x86 AVX-512 BF16
+}
+#endif
+
+inline void screen_row(float* approx, const ScreenRow& q, const float* center_offset,
+                       const float* center_length, const float* center_length_u,
+                       const float* radius_sq, int64_t k0, int64_t kb, const ScreenBound& bound,
+                       float* lower, int32_t* hits, float* upper, int64_t* upper_index, int64_t k,
+                       int64_t cap, Candidates& cand) {
+  bool full = upper_index[k - 1] >= 0;
+  float worst = full ? upper[k - 1] : std::numeric_limits<float>::infinity();
+  const int64_t n = screen_bounds(approx, q, center_offset, center_length, center_length_u, kb, bound,
+                                  worst, lower, hits);
+  if (n == 0) return;  // the usual case once the row has seen a few blocks
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t j = hits[t];
+    if (full && lower[j] > worst) continue;
+    float hi = approx[j];
+    const float r2 = radius_sq ? radius_sq[j] : 0.0f;
+    if (hi + r2 < 0.0f) hi = -r2;  // the exact value is clamped so, which can only raise it
+    if (hi < worst || !full) {
+      insert_sorted(upper, upper_index, k, hi, k0 + j);
+      worst = upper[k - 1];
+      full = upper_index[k - 1] >= 0;
+    }
+  }
+  // Against the bound that includes this block: early in a row's first block it is loose.
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t j = hits[t];
+    if (!(lower[j] > worst)) cand.index.push_back(k0 + j), cand.lower.push_back(lower[j]);
+  }
+  if (static_cast<int64_t>(cand.index.size()) >= cap) {
+    cand.prune(worst);
+    if (static_cast<int64_t>(cand.index.size()) > cap / 2) {
+      cand.reset();
+      cand.overflow = true;
+    }
+  }
+}
+
+void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
+  const int64_t M = s.x.size(0), K = s.centers.size(0), D = s.x.size(1), k = s.k;
+  const ScreenBound bound(D);
+  const int64_t cap = candidate_cap(K, k);
+  const int64_t kb_max = std::min<int64_t>(K, kPackedCenterBlock);
+  const int64_t per_thread = (M + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t mb_max = std::max<int64_t>(1, std::min<int64_t>(kQueryBlock, per_thread));
+  const int64_t num_blocks = (M + mb_max - 1) / mb_max;
+  std::atomic<int64_t> next_block{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_blocks);
+  const float* x = s.x.data_ptr<float>();
+  const float* c = s.centers.data_ptr<float>();
+  const float* shift = t.shift.data_ptr<float>();
+  const float *xn = t.x_norm.data_ptr<float>(), *xl = t.x_length.data_ptr<float>();
+  const float* xl_u = t.x_length_u.data_ptr<float>();
+  const float *c_off = t.center_offset.data_ptr<float>(), *cl = t.center_length.data_ptr<float>();
+  const float* cl_u = t.center_length_u.data_ptr<float>();
+
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> approx(mb_max * kb_max), lower(kb_max), scratch, query_panel, center_panel;
+    std::vector<int32_t> hits(kb_max);
+    std::vector<float> upper(mb_max * k), dots, rows_buffer;
+    std::vector<const float*> pair_x, pair_c;  // (query row, candidate centre) pairs to compute exactly
+    std::vector<int64_t> upper_index(mb_max * k), exact_ids;
+    std::vector<Candidates> cands(mb_max);
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t blk = next_block++; blk < num_blocks; blk = next_block++) {
+        const int64_t m0 = blk * mb_max, mb = std::min(mb_max, M - m0);
+        std::fill(upper.begin(), upper.end(), std::numeric_limits<float>::infinity());
+        std::fill(upper_index.begin(), upper_index.end(), -1);
+        for (auto& cand : cands) cand.reset();
+        float* ap = gemm::aligned(query_panel, gemm_bf16::panel_size(mb, D, gemm_bf16::kMR));
+        gemm_bf16::pack_panel(x + m0 * D, D, mb, D, gemm_bf16::kMR, shift, scratch, ap);
+        int64_t overflowed = 0;
+        for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
+          const int64_t kb = std::min(kb_max, K - k0);
+          float* bp = gemm::aligned(center_panel, gemm_bf16::panel_size(kb, D, gemm_bf16::kNR));
+          gemm_bf16::pack_panel(c + k0 * D, D, kb, D, gemm_bf16::kNR, shift, scratch, bp);
+          gemm_bf16::nt_packed(mb, kb, D, ap, bp, approx.data(), kb);
+          for (int64_t i = 0; i < mb; ++i) {
+            if (cands[i].overflow) continue;
+            const int64_t row = m0 + i;
+            screen_row(approx.data() + i * kb, ScreenRow{xn[row], xl[row], xl_u[row]}, c_off + k0, cl + k0,
+                       cl_u + k0, s.radius_sq ? s.radius_sq + k0 : nullptr, k0, kb, bound, lower.data(),
+                       hits.data(), upper.data() + i * k, upper_index.data() + i * k, k, cap, cands[i]);
+            overflowed += cands[i].overflow;
+          }
+          if (2 * overflowed > mb) {  // the margins are too wide for these data: all rows exact
+            for (int64_t i = 0; i < mb; ++i) cands[i].reset(), cands[i].overflow = true;
+            break;
+          }
+        }
+        // The candidates' exact values, with the same sums as the unscreened path's GEMM, for
+        // groups of rows holding about kPairGroup candidates (bounds the pair buffers).
+        exact_ids.clear();
+        for (int64_t i0 = 0, i1 = 0; i0 < mb; i0 = i1) {
+          pair_x.clear(), pair_c.clear();
+          for (i1 = i0; i1 < mb && static_cast<int64_t>(pair_x.size()) < kPairGroup; ++i1) {
+            Candidates& cand = cands[i1];
+            if (cand.overflow) {
+              exact_ids.push_back(m0 + i1);
+              continue;
+            }
+            cand.prune(upper[i1 * k + k - 1]);
+            for (const int64_t j : cand.index) pair_x.push_back(x + (m0 + i1) * D), pair_c.push_back(c + j * D);
+          }
+          if (dots.size() < pair_x.size()) dots.resize(pair_x.size());
+          gemm::pair_dots(pair_x.data(), pair_c.data(), static_cast<int64_t>(pair_x.size()), D, dots.data());
+          const float* dot = dots.data();
+          for (int64_t i = i0; i < i1; ++i) {
+            if (cands[i].overflow) continue;
+            const int64_t row = m0 + i;
+            float* vals = s.dist + row * k;
+            int64_t* idx = s.index + row * k;
+            float worst = vals[k - 1];
+            bool full = idx[k - 1] >= 0;
+            for (const int64_t j : cands[i].index) {  // as select_row, over the candidates only
+              const float w = s.center_offset[j] - 2.0f * *dot++;
+              float v = s.x_norm[row] + w;
+              if (v < worst || !full) {
+                const float r2 = s.radius_sq ? s.radius_sq[j] : 0.0f;
+                if (v + r2 < 0.0f) v = -r2;
+                if (v < worst || !full) {
+                  insert_sorted(vals, idx, k, v, j);
+                  worst = vals[k - 1];
+                  full = idx[k - 1] >= 0;
+                }
+              }
+            }
+          }
+        }
+        // Rows whose values lie too close together for the screen (rare), all centres.
+        const int64_t n_exact = static_cast<int64_t>(exact_ids.size());
+        if (n_exact > 0) {
+          if (static_cast<int64_t>(rows_buffer.size()) < n_exact * D) rows_buffer.resize(n_exact * D);
+          for (int64_t r = 0; r < n_exact; ++r)
+            std::copy(x + exact_ids[r] * D, x + (exact_ids[r] + 1) * D, rows_buffer.data() + r * D);
+          exact_rows_own_gemm(s, rows_buffer.data(), n_exact, exact_ids.data(), 0, kb_max, approx.data(),
+                              query_panel, center_panel);
+        }
+      }
+    }
+  });
+}
+
+// What the screen needs besides the exact kernel's terms (see ScreenTerms).
+ScreenTerms screen_terms(const at::Tensor& x, const at::Tensor& x_norm, const at::Tensor& centers,
+                         const at::Tensor& center_norm, const at::Tensor& radius_sq) {
+  ScreenTerms t;
+  const int64_t K = centers.size(0);
+  const int64_t step = std::max<int64_t>(1, K / 1024);  // any shift is correct; ~1024 centres make a good one
+  t.shift = centers.index_select(0, at::arange(0, K, step, centers.options().dtype(at::kLong)))
+                .to(at::kDouble).mean(0).to(at::kFloat).contiguous();
+  const float* shift = t.shift.data_ptr<float>();
+  t.x_norm = squared_row_norms<float>(x, "x contains", shift);
+  t.x_length = t.x_norm.sqrt();
+  t.x_length_u = x_norm.sqrt();
+  const at::Tensor c_norm = squared_row_norms<float>(centers, "centers contain", shift);
+  t.center_offset = radius_sq.defined() ? c_norm - radius_sq : c_norm;
+  t.center_length = (radius_sq.defined() ? c_norm + radius_sq : c_norm).sqrt();
+  t.center_length_u = (radius_sq.defined() ? center_norm + radius_sq : center_norm).sqrt();
+  return t;
+}
+
+// The screened kernel where terms are given (float32 only), else the exact one.
+template <typename scalar_t>
+void run_search(const Search<scalar_t>& s, const std::optional<ScreenTerms>& terms) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (terms.has_value()) {
+      screened_kernel(s, *terms);
+      return;
+    }
+  }
+  sphere_distance_kernel<scalar_t>(s);
 }
 
 std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
@@ -178,9 +514,18 @@ std::tuple<at::Tensor, at::Tensor> sphere_distance_cpu(const at::Tensor& x_in,
     if (radii.has_value()) {
       radius_sq = radii->detach().to(x.scalar_type()).contiguous().square();
       TORCH_CHECK(at::isfinite(radius_sq).all().item<bool>(), "sphere_distance: radii contain NaN or Inf (or values too large to square)");
-      center_offset -= radius_sq;
     }
-    sphere_distance_kernel<scalar_t>(x, x_norm, centers, center_offset, radius_sq, k, dist, index);
+    std::optional<ScreenTerms> terms;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (gemm_bf16::available() && x.size(1) >= kScreenMinDim && centers.size(0) >= kScreenMinCenters &&
+          k <= kScreenMaxK)
+        terms = screen_terms(x, x_norm, centers, center_offset, radius_sq);
+    }
+    if (radius_sq.defined()) center_offset -= radius_sq;
+    const Search<scalar_t> search{x, centers, x_norm.data_ptr<scalar_t>(), center_offset.data_ptr<scalar_t>(),
+                                  radius_sq.defined() ? radius_sq.data_ptr<scalar_t>() : nullptr,
+                                  dist.data_ptr<scalar_t>(), index.data_ptr<int64_t>(), k};
+    run_search<scalar_t>(search, terms);
   });
   return {dist, index};
 }

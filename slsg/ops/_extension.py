@@ -91,6 +91,7 @@ class BackendInfo:
     devices: tuple[str, ...]  # devices the extension has kernels for
     reason: str | None = None  # why the extension is not in use
     cpu_gemm: str | None = None  # matrix product of the CPU kernels: "avx2" (ours) or "blas"
+    cpu_screen: str | None = None  # sphere_distance's float32 screen: "bf16" (AVX-512 BF16) or "off"
 
     def __str__(self) -> str:
         if self.name == "extension":
@@ -103,4 +104,6 @@ def backend() -> BackendInfo:
     if not EXTENSION_LOADED:
         return BackendInfo("reference", (), _LOAD_ERROR)
     devices = tuple(d for d in ("cpu", "cuda") if all(has_kernel(op, d) for op in OPS))
-    return BackendInfo("extension", devices, cpu_gemm=str(torch.ops.slsg.cpu_gemm()))
+    return BackendInfo(
+        "extension", devices, cpu_gemm=str(torch.ops.slsg.cpu_gemm()), cpu_screen=str(torch.ops.slsg.cpu_screen())
+    )
