@@ -47,7 +47,7 @@ constexpr int64_t kPackedCenterBlock = 256;
 // are skipped without the branchy insertion pass.
 // Squared row norms of a contiguous [R, D] tensor (of its rows minus `shift`, when given),
 // without an [R, D] temporary (at K = 200k, D = 1024 that temporary alone would be 800 MB).
-// Fails on non-finite rows.
+// Fails on non-finite rows, naming `what`, unless `what` is null.
 template <typename scalar_t>
 at::Tensor squared_row_norms(const at::Tensor& t, const char* what, const scalar_t* shift = nullptr) {
   const int64_t R = t.size(0), D = t.size(1);
@@ -70,7 +70,7 @@ at::Tensor squared_row_norms(const at::Tensor& t, const char* what, const scalar
       if (!std::isfinite(s)) finite = false;
     }
   });
-  TORCH_CHECK(finite.load(), "sphere_distance: ", what, " NaN or Inf (or values too large to square)");
+  TORCH_CHECK(!what || finite.load(), "sphere_distance: ", what, " NaN or Inf (or values too large to square)");
   return out;
 }
 
@@ -211,36 +211,47 @@ constexpr int64_t kPairGroup = 16384;
 // far from the origin (non-negative CNN features). Per query and centre it needs the
 // shifted squared norms and lengths, and the unshifted lengths for the exact side's error.
 struct ScreenTerms {
-  at::Tensor shift;          // [D]
-  at::Tensor x_norm;         // ||x - shift||^2
-  at::Tensor x_length;       // ||x - shift||
-  at::Tensor x_length_u;     // ||x||
-  at::Tensor center_offset;  // ||c - shift||^2 - r^2
-  at::Tensor center_length;  // sqrt(||c - shift||^2 + r^2)
-  at::Tensor center_length_u;  // sqrt(||c||^2 + r^2)
+  at::Tensor shift;           // [D]
+  at::Tensor x_norm;          // ||x'||^2, x' = x - shift
+  at::Tensor x_length;        // ||x'||
+  at::Tensor x_length_u;      // ||x||
+  at::Tensor center_offset;   // ||c'||^2 - r^2, c' = c - shift
+  at::Tensor center_length;   // ||c'||
+  at::Tensor center_reach;    // sqrt(||c'||^2 + r^2)
+  at::Tensor center_reach_u;  // sqrt(||c||^2 + r^2)
 };
 
 // How far a screened value can be from the exact float32 value of the same pair:
-// shifted * reach_s^2 + exact * reach_u^2 + absolute * (reach_s + reach_u + 2), with
-// reach_s = ||x - shift|| + sqrt(||c - shift||^2 + r^2) and reach_u the same unshifted.
-// Screen side: each bfloat16 operand is within 2^-9 of its float32 (round to nearest), so
-// each product is within 2^-8 + 2^-18 of the exact one, and 2 x.c moves by at most that
-// times 2 sum|x_d c_d| <= 2 ||x|| ||c|| <= reach^2 / 2; in float32, summing D products,
-// summing the squared norms (D terms each) and adding three terms of magnitude <= reach^2
-// adds (2D + 3) 2^-24 reach^2; the shifted rows' own rounding (2^-24 per entry) is far
-// inside the 2^-16 of slack. Exact side: the same float32 sums and norms, on the unshifted
-// rows. Float32 terms are doubled for slack: (D + 3) 2^-22. Flushing
-// subnormal operands, products or partial sums (the bfloat16 instructions do;
-// torch.set_flush_denormal makes the exact side do it too) moves each of the 2D terms by
-// less than FLT_MIN times the other factor (<= its reach) or by less than FLT_MIN.
+//   bf16 ||x'|| ||c'|| + f32 (reach^2 + reach_u^2) + absolute (reach + reach_u + 2),
+// reach = ||x'|| + sqrt(||c'||^2 + r^2), reach_u the same unshifted; each float32 value
+// below has magnitude <= its side's reach^2.
+// - bfloat16 keeps 8 significant bits: round to nearest moves an operand by at most 2^-8
+//   relative, a product by at most 2^-7 + 2^-16, and 2 x'.c' by at most that times
+//   2 sum|x'_d c'_d| <= 2 ||x'|| ||c'||: bf16 = 2^-6 + 2^-15, plus slack.
+// - Float32 on the screen side (the products' sums, the shifted squared norms, three adds)
+//   and on the exact side (the same on the unshifted rows) add at most (2D + 3) 2^-24 of
+//   their reach^2 each; doubled for slack: f32 = (D + 3) 2^-22. The slack also covers the
+//   shifted rows' own rounding (2^-24 per entry, ~2^-23 reach^2) and the bounds' own.
+// - Flushing subnormal operands, products or partial sums (the bfloat16 instructions do;
+//   torch.set_flush_denormal makes the exact side do it too) moves each of the 2D terms by
+//   less than FLT_MIN times the other factor (<= its reach) or by less than FLT_MIN.
 struct ScreenBound {
-  float shifted;
-  float exact;
+  float bf16;
+  float f32;
   float absolute;
   explicit ScreenBound(int64_t D)
-      : shifted(std::ldexp(1.0f, -9) + std::ldexp(1.0f, -16) + static_cast<float>(D + 3) * std::ldexp(1.0f, -22)),
-        exact(static_cast<float>(D + 3) * std::ldexp(1.0f, -22)),
+      : bf16(std::ldexp(1.0f, -6) + std::ldexp(1.0f, -14)),
+        f32(static_cast<float>(D + 3) * std::ldexp(1.0f, -22)),
         absolute(4.0f * static_cast<float>(D) * std::numeric_limits<float>::min()) {}
+};
+
+// The centre terms of one block (pointers at its first centre).
+struct CenterScreen {
+  const float* offset;   // ||c'||^2 - r^2
+  const float* length;   // ||c'||
+  const float* reach;    // sqrt(||c'||^2 + r^2)
+  const float* reach_u;  // sqrt(||c||^2 + r^2)
+  const float* radius_sq;  // r^2, or null
 };
 
 // A query row's centres that the screen could not rule out, in increasing index order,
@@ -273,13 +284,13 @@ struct ScreenRow {  // the query's terms (shifted norm and lengths)
 // exceed `worst` to hits, ascending, and returns their count. AVX-512: only CPUs that screen
 // call it (gemm_bf16::available()).
 #if SLSG_GEMM_AVX2
-__attribute__((target("avx512f"))) inline int64_t screen_bounds(
-    float* approx, const ScreenRow& q, const float* center_offset, const float* center_length,
-    const float* center_length_u, int64_t kb, const ScreenBound& bound, float worst, float* lower,
-    int32_t* hits) {
+__attribute__((target("avx512f"))) inline int64_t screen_bounds(float* approx, const ScreenRow& q,
+                                                                const CenterScreen& c, int64_t kb,
+                                                                const ScreenBound& bound, float worst,
+                                                                float* lower, int32_t* hits) {
   const __m512 norm = _mm512_set1_ps(q.norm), length = _mm512_set1_ps(q.length);
   const __m512 length_u = _mm512_set1_ps(q.length_u), two = _mm512_set1_ps(2.0f);
-  const __m512 shifted = _mm512_set1_ps(bound.shifted), exact = _mm512_set1_ps(bound.exact);
+  const __m512 bf16 = _mm512_set1_ps(bound.bf16), f32 = _mm512_set1_ps(bound.f32);
   const __m512 absolute = _mm512_set1_ps(bound.absolute), limit = _mm512_set1_ps(worst);
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
   const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -287,14 +298,15 @@ __attribute__((target("avx512f"))) inline int64_t screen_bounds(
   for (int64_t j = 0; j < kb; j += 16) {
     const __mmask16 valid = static_cast<__mmask16>(kb - j >= 16 ? 0xFFFF : (1u << (kb - j)) - 1);
     const __m512 dot = _mm512_maskz_loadu_ps(valid, approx + j);
-    const __m512 v = _mm512_add_ps(norm, _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, center_offset + j),
+    const __m512 v = _mm512_add_ps(norm, _mm512_sub_ps(_mm512_maskz_loadu_ps(valid, c.offset + j),
                                                        _mm512_mul_ps(two, dot)));
-    const __m512 reach = _mm512_add_ps(length, _mm512_maskz_loadu_ps(valid, center_length + j));
-    const __m512 reach_u = _mm512_add_ps(length_u, _mm512_maskz_loadu_ps(valid, center_length_u + j));
+    const __m512 reach = _mm512_add_ps(length, _mm512_maskz_loadu_ps(valid, c.reach + j));
+    const __m512 reach_u = _mm512_add_ps(length_u, _mm512_maskz_loadu_ps(valid, c.reach_u + j));
+    const __m512 product = _mm512_mul_ps(length, _mm512_maskz_loadu_ps(valid, c.length + j));
+    const __m512 squares = _mm512_add_ps(_mm512_mul_ps(reach, reach), _mm512_mul_ps(reach_u, reach_u));
     const __m512 margin = _mm512_add_ps(
-        _mm512_add_ps(_mm512_mul_ps(reach, _mm512_add_ps(_mm512_mul_ps(shifted, reach), absolute)),
-                      _mm512_mul_ps(reach_u, _mm512_add_ps(_mm512_mul_ps(exact, reach_u), absolute))),
-        _mm512_mul_ps(two, absolute));
+        _mm512_add_ps(_mm512_mul_ps(bf16, product), _mm512_mul_ps(f32, squares)),
+        _mm512_mul_ps(absolute, _mm512_add_ps(_mm512_add_ps(reach, reach_u), two)));
     __m512 lo = _mm512_sub_ps(v, margin), hi = _mm512_add_ps(v, margin);
     lo = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(lo, lo, _CMP_ORD_Q), _mm512_sub_ps(_mm512_setzero_ps(), inf), lo);
     hi = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(hi, hi, _CMP_ORD_Q), inf, hi);
@@ -309,27 +321,24 @@ __attribute__((target("avx512f"))) inline int64_t screen_bounds(
   return n;
 }
 #else
-inline int64_t screen_bounds(float*, const ScreenRow&, const float*, const float*, const float*, int64_t,
-                             const ScreenBound&, float, float*, int32_t*) {
+inline int64_t screen_bounds(float*, const ScreenRow&, const CenterScreen&, int64_t, const ScreenBound&,
+                             float, float*, int32_t*) {
   return 0;  // never called: screening needs x86 AVX-512 BF16
 }
 #endif
 
-inline void screen_row(float* approx, const ScreenRow& q, const float* center_offset,
-                       const float* center_length, const float* center_length_u,
-                       const float* radius_sq, int64_t k0, int64_t kb, const ScreenBound& bound,
-                       float* lower, int32_t* hits, float* upper, int64_t* upper_index, int64_t k,
-                       int64_t cap, Candidates& cand) {
+inline void screen_row(float* approx, const ScreenRow& q, const CenterScreen& c, int64_t k0, int64_t kb,
+                       const ScreenBound& bound, float* lower, int32_t* hits, float* upper,
+                       int64_t* upper_index, int64_t k, int64_t cap, Candidates& cand) {
   bool full = upper_index[k - 1] >= 0;
   float worst = full ? upper[k - 1] : std::numeric_limits<float>::infinity();
-  const int64_t n = screen_bounds(approx, q, center_offset, center_length, center_length_u, kb, bound,
-                                  worst, lower, hits);
+  const int64_t n = screen_bounds(approx, q, c, kb, bound, worst, lower, hits);
   if (n == 0) return;  // the usual case once the row has seen a few blocks
   for (int64_t t = 0; t < n; ++t) {
     const int64_t j = hits[t];
     if (full && lower[j] > worst) continue;
     float hi = approx[j];
-    const float r2 = radius_sq ? radius_sq[j] : 0.0f;
+    const float r2 = c.radius_sq ? c.radius_sq[j] : 0.0f;
     if (hi + r2 < 0.0f) hi = -r2;  // the exact value is clamped so, which can only raise it
     if (hi < worst || !full) {
       insert_sorted(upper, upper_index, k, hi, k0 + j);
@@ -367,7 +376,7 @@ void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
   const float *xn = t.x_norm.data_ptr<float>(), *xl = t.x_length.data_ptr<float>();
   const float* xl_u = t.x_length_u.data_ptr<float>();
   const float *c_off = t.center_offset.data_ptr<float>(), *cl = t.center_length.data_ptr<float>();
-  const float* cl_u = t.center_length_u.data_ptr<float>();
+  const float *c_reach = t.center_reach.data_ptr<float>(), *c_reach_u = t.center_reach_u.data_ptr<float>();
 
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> approx(mb_max * kb_max), lower(kb_max), scratch, query_panel, center_panel;
@@ -393,9 +402,11 @@ void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
           for (int64_t i = 0; i < mb; ++i) {
             if (cands[i].overflow) continue;
             const int64_t row = m0 + i;
-            screen_row(approx.data() + i * kb, ScreenRow{xn[row], xl[row], xl_u[row]}, c_off + k0, cl + k0,
-                       cl_u + k0, s.radius_sq ? s.radius_sq + k0 : nullptr, k0, kb, bound, lower.data(),
-                       hits.data(), upper.data() + i * k, upper_index.data() + i * k, k, cap, cands[i]);
+            const CenterScreen terms{c_off + k0, cl + k0, c_reach + k0, c_reach_u + k0,
+                                     s.radius_sq ? s.radius_sq + k0 : nullptr};
+            screen_row(approx.data() + i * kb, ScreenRow{xn[row], xl[row], xl_u[row]}, terms, k0, kb, bound,
+                       lower.data(), hits.data(), upper.data() + i * k, upper_index.data() + i * k, k, cap,
+                       cands[i]);
             overflowed += cands[i].overflow;
           }
           if (2 * overflowed > mb) {  // the margins are too wide for these data: all rows exact
@@ -456,22 +467,29 @@ void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
   });
 }
 
-// What the screen needs besides the exact kernel's terms (see ScreenTerms).
-ScreenTerms screen_terms(const at::Tensor& x, const at::Tensor& x_norm, const at::Tensor& centers,
-                         const at::Tensor& center_norm, const at::Tensor& radius_sq) {
+// What the screen needs besides the exact kernel's terms (see ScreenTerms), or nothing
+// where the shifted rows' squares overflow float32 (the exact kernel accepts such inputs:
+// check_expansion_fits bounds the unshifted ones only).
+std::optional<ScreenTerms> screen_terms(const at::Tensor& x, const at::Tensor& x_norm,
+                                        const at::Tensor& centers, const at::Tensor& center_norm,
+                                        const at::Tensor& radius_sq) {
   ScreenTerms t;
   const int64_t K = centers.size(0);
   const int64_t step = std::max<int64_t>(1, K / 1024);  // any shift is correct; ~1024 centres make a good one
   t.shift = centers.index_select(0, at::arange(0, K, step, centers.options().dtype(at::kLong)))
                 .to(at::kDouble).mean(0).to(at::kFloat).contiguous();
   const float* shift = t.shift.data_ptr<float>();
-  t.x_norm = squared_row_norms<float>(x, "x contains", shift);
+  t.x_norm = squared_row_norms<float>(x, nullptr, shift);
+  const at::Tensor c_norm = squared_row_norms<float>(centers, nullptr, shift);
+  const at::Tensor c_reach_sq = radius_sq.defined() ? c_norm + radius_sq : c_norm;
+  const double reach = std::sqrt(t.x_norm.max().item<double>()) + std::sqrt(c_reach_sq.max().item<double>());
+  if (!std::isfinite(reach) || !(reach * reach <= std::numeric_limits<float>::max())) return std::nullopt;
   t.x_length = t.x_norm.sqrt();
   t.x_length_u = x_norm.sqrt();
-  const at::Tensor c_norm = squared_row_norms<float>(centers, "centers contain", shift);
   t.center_offset = radius_sq.defined() ? c_norm - radius_sq : c_norm;
-  t.center_length = (radius_sq.defined() ? c_norm + radius_sq : c_norm).sqrt();
-  t.center_length_u = (radius_sq.defined() ? center_norm + radius_sq : center_norm).sqrt();
+  t.center_length = c_norm.sqrt();
+  t.center_reach = c_reach_sq.sqrt();
+  t.center_reach_u = (radius_sq.defined() ? center_norm + radius_sq : center_norm).sqrt();
   return t;
 }
 
