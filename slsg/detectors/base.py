@@ -174,6 +174,9 @@ class Detector(ABC):
         # Computed from normal images only by fit(); None until then.
         self.image_threshold: float | None = None
         self.fit_info: dict[str, Any] = {}
+        # The configuration keys a loaded model was saved with (empty when not loaded): models
+        # of older versions lack newer keys, and _load_weights may need to tell them apart.
+        self.saved_config_keys: frozenset[str] = frozenset()
 
     @abstractmethod
     def fit(self, dataset) -> "Detector":
@@ -293,6 +296,7 @@ class Detector(ABC):
         detector = target(config_from_dict(target.config_class, meta.get("config", {}), source))
         detector.image_threshold = meta.get("image_threshold")
         detector.fit_info = meta.get("fit_info", {})
+        detector.saved_config_keys = frozenset(meta["config"])
         files = meta.get("files", {})
         for name in files.values():
             if not (directory / name).exists():

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from slsg import ops
 from slsg.backbones import Backbone, create
-from slsg.detectors.base import (Detector, ModelError, _read_meta, check_image_batch, collate_images,
+from slsg.detectors.base import (Detector, ModelError, check_image_batch, collate_images,
                                  gaussian_smooth, image_sizes, register)
 from slsg.detectors.edges import (band_of_levels, divide_by_edge_levels, edge_class_sums, edge_classes,
                                   levels_from_sums, total_class_sums)
@@ -423,7 +423,7 @@ class MemoryBankDetector(Detector):
         if "edge_levels" not in self.fit_info:
             # Models of slsg before edge levels have neither the key nor edge_band in their config,
             # which then took the default: say what the model does, raw distances.
-            if "edge_band" in _read_meta(directory)["config"]:
+            if "edge_band" in self.saved_config_keys:
                 raise ModelError(f"{directory}: fit_info lacks edge_levels (null or a list), which fit writes")
             self.config.edge_band = 0
             self.fit_info["edge_levels"] = None  # as fit writes it, so that a re-saved copy loads
