@@ -21,6 +21,15 @@
 
 #include "gemm.h"
 
+// Compilers that know the AVX-512 BF16 intrinsics (GCC 10, Clang 11); older ones build
+// without the screen.
+#if SLSG_GEMM_AVX2 && ((defined(__clang__) && __clang_major__ >= 11) || \
+                       (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+#define SLSG_GEMM_BF16 1
+#else
+#define SLSG_GEMM_BF16 0
+#endif
+
 namespace slsg {
 namespace gemm_bf16 {
 
@@ -34,7 +43,7 @@ inline int64_t pairs(int64_t d) { return (d + 1) / 2; }
 // Whether this CPU runs the AVX-512 BF16 kernel (checked once). SLSG_CPU_SCREEN=off in the
 // environment turns the screen off (how the tests compare screened and exact results).
 inline bool available() {
-#if SLSG_GEMM_AVX2
+#if SLSG_GEMM_BF16
   static const bool ok = gemm::available() && __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512bf16") &&
@@ -50,7 +59,7 @@ inline int64_t panel_size(int64_t rows, int64_t d, int64_t width) {
   return gemm::round_up(rows, width) * pairs(d);
 }
 
-#if SLSG_GEMM_AVX2
+#if SLSG_GEMM_BF16
 
 // Rows [0, rows) of M (leading dimension ld, d columns) minus shift[0, d) (in float32),
 // rounded to bfloat16 (round to nearest even; the instruction flushes subnormal inputs to
@@ -111,13 +120,13 @@ __attribute__((target("avx512f,avx512bf16"))) inline void micro_kernel(int64_t k
   }
 }
 
-#endif  // SLSG_GEMM_AVX2
+#endif  // SLSG_GEMM_BF16
 
 // Rows [0, rows) of M minus shift as a panel for nt_packed (width kMR for A, kNR for B);
 // `scratch` holds the rounded rows on the way.
 inline void pack_panel(const float* M, int64_t ld, int64_t rows, int64_t d, int64_t width,
                        const float* shift, std::vector<float>& scratch, float* out) {
-#if SLSG_GEMM_AVX2
+#if SLSG_GEMM_BF16
   const int64_t dp = pairs(d);
   if (static_cast<int64_t>(scratch.size()) < rows * dp) scratch.resize(rows * dp);
   round_rows(M, ld, rows, d, shift, scratch.data());
@@ -133,7 +142,7 @@ inline void pack_panel(const float* M, int64_t ld, int64_t rows, int64_t d, int6
 // kNR) of depth d. Requires available(). The loop order is gemm::nt_packed's.
 inline void nt_packed(int64_t m, int64_t n, int64_t d, const float* ap, const float* bp, float* C,
                       int64_t ldc) {
-#if SLSG_GEMM_AVX2
+#if SLSG_GEMM_BF16
   gemm::for_each_micro_tile<kMR, kNR, kKC, kMC>(m, n, pairs(d), ap, bp, C, ldc, false,
                                                 [](auto... tile) { micro_kernel(tile...); });
 #else

@@ -283,7 +283,7 @@ struct ScreenRow {  // the query's terms (shifted norm and lengths)
 // (NaN, from inf - inf, becomes no bound). Writes the offsets j whose lower bound does not
 // exceed `worst` to hits, ascending, and returns their count. AVX-512: only CPUs that screen
 // call it (gemm_bf16::available()).
-#if SLSG_GEMM_AVX2
+#if SLSG_GEMM_BF16
 __attribute__((target("avx512f"))) inline int64_t screen_bounds(float* approx, const ScreenRow& q,
                                                                 const CenterScreen& c, int64_t kb,
                                                                 const ScreenBound& bound, float worst,
