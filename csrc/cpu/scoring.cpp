@@ -453,9 +453,12 @@ void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
             }
           }
         }
-        // Rows whose values lie too close together for the screen (rare), all centres.
+        // Rows whose values lie too close together for the screen (rare), all centres. A whole
+        // block (abandoned) is read in place; a few rows are gathered first.
         const int64_t n_exact = static_cast<int64_t>(exact_ids.size());
-        if (n_exact > 0) {
+        if (n_exact == mb) {
+          exact_rows_own_gemm(s, x + m0 * D, mb, nullptr, m0, kb_max, approx.data(), query_panel, center_panel);
+        } else if (n_exact > 0) {
           if (static_cast<int64_t>(rows_buffer.size()) < n_exact * D) rows_buffer.resize(n_exact * D);
           for (int64_t r = 0; r < n_exact; ++r)
             std::copy(x + exact_ids[r] * D, x + (exact_ids[r] + 1) * D, rows_buffer.data() + r * D);
