@@ -30,12 +30,18 @@ constexpr int64_t kNR = 16;   // rows of B per micro-tile (two 8-float vectors)
 constexpr int64_t kKC = 256;  // depth of one packed panel: a B sliver (16 KiB) stays in L1
 constexpr int64_t kMC = 96;   // rows of A per pass over B: their [96, n] slice of C stays in L2
 
+// Whether the environment variable `name` is set to `value` (the kernels' off switches).
+inline bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set && std::string(set) == value;
+}
+
 // Whether this CPU runs the AVX2/FMA kernel (checked once). SLSG_CPU_GEMM=blas in the
 // environment forces the at::mm fallback (how the tests cover it on AVX2 machines).
 inline bool available() {
 #if SLSG_GEMM_AVX2
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                         !(std::getenv("SLSG_CPU_GEMM") && std::string(std::getenv("SLSG_CPU_GEMM")) == "blas");
+                         !env_is("SLSG_CPU_GEMM", "blas");
   return ok;
 #else
   return false;

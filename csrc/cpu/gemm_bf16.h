@@ -46,8 +46,7 @@ inline bool available() {
 #if SLSG_GEMM_BF16
   static const bool ok = gemm::available() && __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512bf16") &&
-                         !(std::getenv("SLSG_CPU_SCREEN") && std::string(std::getenv("SLSG_CPU_SCREEN")) == "off");
+                         __builtin_cpu_supports("avx512bf16") && !gemm::env_is("SLSG_CPU_SCREEN", "off");
   return ok;
 #else
   return false;

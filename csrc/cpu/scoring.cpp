@@ -74,6 +74,40 @@ at::Tensor squared_row_norms(const at::Tensor& t, const char* what, const scalar
   return out;
 }
 
+// The running k smallest (value, centre) of one query row, ascending, unfilled = (+inf, -1):
+// what select_row, the screen's upper bounds and the candidates' exact values all keep.
+template <typename scalar_t>
+struct RowBest {
+  scalar_t* vals;
+  int64_t* idx;
+  int64_t k;
+  scalar_t worst;
+  bool full;
+
+  RowBest(scalar_t* vals, int64_t* idx, int64_t k)
+      : vals(vals), idx(idx), k(k), worst(vals[k - 1]), full(idx[k - 1] >= 0) {}
+
+  bool takes(scalar_t v) const { return v < worst || !full; }
+
+  // Offers centre j's value v, clamped at -r^2 (radius_sq points at r^2, or is null):
+  // rounding can make ||x - c||^2 slightly negative. Clamping only raises v, so a v that is
+  // not taken unclamped is not taken at all.
+  void offer(scalar_t v, const scalar_t* radius_sq, int64_t j) {
+    if (takes(v)) insert(v, radius_sq, j);
+  }
+
+ private:
+  // Out of line: rare once the row has its k, and the scan loops stay small without it.
+  __attribute__((noinline)) void insert(scalar_t v, const scalar_t* radius_sq, int64_t j) {
+    const scalar_t r2 = radius_sq ? *radius_sq : scalar_t(0);
+    if (v + r2 < scalar_t(0)) v = -r2;
+    if (!takes(v)) return;
+    insert_sorted(vals, idx, k, v, j);
+    worst = vals[k - 1];
+    full = idx[k - 1] >= 0;
+  }
+};
+
 template <typename scalar_t>
 inline void select_row(scalar_t* w, scalar_t x_norm, const scalar_t* center_offset,
                        const scalar_t* radius_sq, int64_t k0, int64_t kb, scalar_t* vals,
@@ -84,22 +118,10 @@ inline void select_row(scalar_t* w, scalar_t x_norm, const scalar_t* center_offs
     w[j] = center_offset[j] - scalar_t(2) * w[j];
     w_min = w[j] < w_min ? w[j] : w_min;
   }
-  bool full = idx[k - 1] >= 0;
-  scalar_t worst = vals[k - 1];
+  RowBest<scalar_t> best(vals, idx, k);
   // Clamping only raises values, so the unclamped minimum is a safe lower bound.
-  if (full && !(x_norm + w_min < worst)) return;
-  for (int64_t j = 0; j < kb; ++j) {
-    scalar_t v = x_norm + w[j];
-    if (v < worst || !full) {
-      const scalar_t r2 = radius_sq ? radius_sq[j] : scalar_t(0);
-      if (v + r2 < scalar_t(0)) v = -r2;  // rounding can make ||x - c||^2 slightly negative
-      if (v < worst || !full) {
-        insert_sorted(vals, idx, k, v, k0 + j);
-        worst = vals[k - 1];
-        full = idx[k - 1] >= 0;
-      }
-    }
-  }
+  if (best.full && !(x_norm + w_min < best.worst)) return;
+  for (int64_t j = 0; j < kb; ++j) best.offer(x_norm + w[j], radius_sq ? radius_sq + j : nullptr, k0 + j);
 }
 
 // The query rows and centre terms every block reads, and where results go.
@@ -272,10 +294,7 @@ struct Candidates {
   }
 };
 
-// One query row against one block of screened values (approx[j] ~= shifted x.c_{k0+j}):
-// keeps the k smallest upper bounds in upper/upper_index and adds every centre whose lower
-// bound does not exceed the k-th of them to the candidates. `lower` is scratch of kb floats.
-struct ScreenRow {  // the query's terms (shifted norm and lengths)
+struct ScreenRow {  // a query's terms (shifted norm and lengths)
   float norm, length, length_u;
 };
 
@@ -327,32 +346,27 @@ inline int64_t screen_bounds(float*, const ScreenRow&, const CenterScreen&, int6
 }
 #endif
 
+// One query row against one block of screened values (approx[j] ~= shifted x.c_{k0+j}):
+// keeps the k smallest upper bounds in upper/upper_index and adds every centre whose lower
+// bound does not exceed the k-th of them to the candidates. `lower` is scratch of kb floats.
 inline void screen_row(float* approx, const ScreenRow& q, const CenterScreen& c, int64_t k0, int64_t kb,
                        const ScreenBound& bound, float* lower, int32_t* hits, float* upper,
                        int64_t* upper_index, int64_t k, int64_t cap, Candidates& cand) {
-  bool full = upper_index[k - 1] >= 0;
-  float worst = full ? upper[k - 1] : std::numeric_limits<float>::infinity();
-  const int64_t n = screen_bounds(approx, q, c, kb, bound, worst, lower, hits);
+  RowBest<float> best(upper, upper_index, k);
+  const int64_t n = screen_bounds(approx, q, c, kb, bound, best.worst, lower, hits);
   if (n == 0) return;  // the usual case once the row has seen a few blocks
   for (int64_t t = 0; t < n; ++t) {
     const int64_t j = hits[t];
-    if (full && lower[j] > worst) continue;
-    float hi = approx[j];
-    const float r2 = c.radius_sq ? c.radius_sq[j] : 0.0f;
-    if (hi + r2 < 0.0f) hi = -r2;  // the exact value is clamped so, which can only raise it
-    if (hi < worst || !full) {
-      insert_sorted(upper, upper_index, k, hi, k0 + j);
-      worst = upper[k - 1];
-      full = upper_index[k - 1] >= 0;
-    }
+    // The exact value is clamped as offer clamps the upper bound, which can only raise it.
+    if (!(best.full && lower[j] > best.worst)) best.offer(approx[j], c.radius_sq ? c.radius_sq + j : nullptr, k0 + j);
   }
   // Against the bound that includes this block: early in a row's first block it is loose.
   for (int64_t t = 0; t < n; ++t) {
     const int64_t j = hits[t];
-    if (!(lower[j] > worst)) cand.index.push_back(k0 + j), cand.lower.push_back(lower[j]);
+    if (!(lower[j] > best.worst)) cand.index.push_back(k0 + j), cand.lower.push_back(lower[j]);
   }
   if (static_cast<int64_t>(cand.index.size()) >= cap) {
-    cand.prune(worst);
+    cand.prune(best.worst);
     if (static_cast<int64_t>(cand.index.size()) > cap / 2) {
       cand.reset();
       cand.overflow = true;
@@ -434,22 +448,10 @@ void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
           for (int64_t i = i0; i < i1; ++i) {
             if (cands[i].overflow) continue;
             const int64_t row = m0 + i;
-            float* vals = s.dist + row * k;
-            int64_t* idx = s.index + row * k;
-            float worst = vals[k - 1];
-            bool full = idx[k - 1] >= 0;
+            RowBest<float> best(s.dist + row * k, s.index + row * k, k);
             for (const int64_t j : cands[i].index) {  // as select_row, over the candidates only
               const float w = s.center_offset[j] - 2.0f * *dot++;
-              float v = s.x_norm[row] + w;
-              if (v < worst || !full) {
-                const float r2 = s.radius_sq ? s.radius_sq[j] : 0.0f;
-                if (v + r2 < 0.0f) v = -r2;
-                if (v < worst || !full) {
-                  insert_sorted(vals, idx, k, v, j);
-                  worst = vals[k - 1];
-                  full = idx[k - 1] >= 0;
-                }
-              }
+              best.offer(s.x_norm[row] + w, s.radius_sq ? s.radius_sq + j : nullptr, j);
             }
           }
         }

@@ -385,9 +385,10 @@ class MemoryBankDetector(Detector):
         return self.bank is not None
 
     def _save_weights(self, directory: Path, token: str) -> dict[str, str]:
-        if self.edge_levels is not None and band_of_levels(self.edge_levels) != self.config.edge_band:
+        fitted_band = band_of_levels(self.edge_levels) if self.edge_levels is not None else None
+        if fitted_band is not None and fitted_band != self.config.edge_band:
             raise RuntimeError(f"config.edge_band ({self.config.edge_band}) differs from the band the edge levels "
-                               f"were fitted with ({band_of_levels(self.edge_levels)}): fit again, or set it back")
+                               f"were fitted with ({fitted_band}): fit again, or set it back")
         files = {"backbone": f"backbone-{token}.pt", "bank": f"bank-{token}.npz"}
         with atomic_path(directory / files["backbone"]) as tmp:
             torch.save(self._backbone().state_dict(), tmp)

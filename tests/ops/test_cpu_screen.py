@@ -82,7 +82,7 @@ def run(tmp_path, screen: str, seed: int, threads: int):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(seed), str(threads)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(path)
+    return torch.load(path, weights_only=True)
 
 
 @needs_extension
