@@ -91,16 +91,17 @@ def dense_benchmarks() -> None:
                 bias = 0.1 * torch.randn(H, N, N, device="cuda", dtype=dtype)
                 for with_bias in (False, True):
                     b = bias if with_bias else None
+                    b4 = b[None] if with_bias else None  # SDPA's fused kernels want a 4-D mask
                     label = f"dense {str(dtype)[6:]} B={B} H={H} N={N} D={D}{' +bias' if with_bias else ''}"
                     ours = lambda: ops.dense_graph_attention(q, k, v, b, backend="extension")  # noqa: E731
-                    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=b)  # noqa: E731
+                    sdpa = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=b4)  # noqa: E731
                     t_ours, t_sdpa = timed(ours, 3), timed(sdpa, 3)
                     record(label + " fwd", f"{t_ours * 1e3:.2f} ms",
                            f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours):.0f} vs {peak_extra(sdpa):.0f} MiB")
                     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
                     grad = torch.randn(B, H, N, D, device="cuda", dtype=dtype)
                     ours_fb = lambda: torch.autograd.grad(ops.dense_graph_attention(*leaves, b, backend="extension"), leaves, grad)  # noqa: E731
-                    sdpa_fb = lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves, attn_mask=b), leaves, grad)  # noqa: E731
+                    sdpa_fb = lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves, attn_mask=b4), leaves, grad)  # noqa: E731
                     t_ours, t_sdpa = timed(ours_fb, 3), timed(sdpa_fb, 3)
                     record(label + " fwd+bwd", f"{t_ours * 1e3:.2f} ms",
                            f"sdpa {t_sdpa * 1e3:.2f} ms, sdpa/ours {t_sdpa / t_ours:.2f}, extra {peak_extra(ours_fb):.0f} vs {peak_extra(sdpa_fb):.0f} MiB")

@@ -10,7 +10,10 @@ Variants:
 - matmul_topk (knn_graph): what one writes by hand, normalise + (b)addbmm + topk over a
   [B, N, N] matrix, keeping every dilation-th.
 - sdpa (dense_graph_attention): torch.nn.functional.scaled_dot_product_attention with the
-  same additive bias as attn_mask.
+  same additive bias as attn_mask, given 4-D ([1, H, N, N]) so that SDPA can run its fused
+  (flash) CPU kernel: with the 3-D [H, N, N] bias it falls back to its math path, which
+  materialises [B, H, N, N] and is slower (runs before 2026-11-30 15:40 UTC compared
+  against that path).
 - pyg (sparse_graph_attention): PyTorch Geometric's formulation (GATConv / TransformerConv):
   gather per edge, torch_geometric.utils.softmax over each node's edges, scatter-sum. The
   inputs are given in PyG's [nodes, heads, D] layout outside the timed region.
@@ -206,7 +209,7 @@ def test_dense_graph_attention(benchmark, data, N, H, mode, variant):
     bias = data("dense_bias", N, H)
     op = {
         "extension": lambda a, b, c: ops.dense_graph_attention(a, b, c, bias),
-        "sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias),
+        "sdpa": lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias[None]),
         "reference": lambda a, b, c: graph_reference.dense_graph_attention(a, b, c, bias),
     }[variant]
     fn = (lambda: op(q, k, v)) if mode == "fwd" else fwd_bwd(op, (q, k, v))
@@ -286,6 +289,6 @@ def test_dense_graph_attention_paired(benchmark, data, N):
     bias = data("dense_bias", N, H)
     runs = {
         "extension": fwd_bwd(lambda a, b, c: ops.dense_graph_attention(a, b, c, bias), (q, k, v)),
-        "sdpa": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias), (q, k, v)),
+        "sdpa": fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=bias[None]), (q, k, v)),
     }
     paired_rounds(benchmark, runs, f"dense_graph_attention fwd+bwd B={B} H={H} N={N} D={C // H} (+bias), paired rounds")

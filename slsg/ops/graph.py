@@ -231,8 +231,10 @@ def dense_graph_attention(
     check_same_device(op, q=q, k=k, v=v, bias=bias)
     scale = _check_scale(op, scale, D)
     if _auto_on_cuda(q, backend) and k.numel() > 0 and _sdpa_keeps_memory_bounded(q, v, bias):
-        # The bias [H, Nq, Nk] broadcasts over the batch.
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        # The bias [H, Nq, Nk] broadcasts over the batch, as a 4-D view: SDPA's fused kernels
+        # take 2-D or 4-D masks (on CPU a 3-D one sends it to its plain path).
+        mask = bias[None] if bias is not None else None
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if use_extension(op, q.device, backend) and _kernel_dtype_ok(q):
         kept = _kept_dense_slices(q, k, v, bias)
         return torch.ops.slsg.dense_graph_attention(q, k, v, bias, scale, kept)[0]
