@@ -12,7 +12,7 @@ Variants:
 - sdpa (dense_graph_attention): torch.nn.functional.scaled_dot_product_attention with the
   same additive bias as attn_mask, given 4-D ([1, H, N, N]) so that SDPA can run its fused
   (flash) CPU kernel: with the 3-D [H, N, N] bias it falls back to its math path, which
-  materialises [B, H, N, N] and is slower (runs before 2026-11-30 15:40 UTC compared
+  materialises [B, H, N, N] and is slower (runs before 2026-11-30 15:19 UTC compared
   against that path).
 - pyg (sparse_graph_attention): PyTorch Geometric's formulation (GATConv / TransformerConv):
   gather per edge, torch_geometric.utils.softmax over each node's edges, scatter-sum. The
