@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "cpu/blas.h"
 #include "cpu/gemm.h"
 #include "cpu/gemm_bf16.h"
 
@@ -40,7 +41,10 @@ TORCH_LIBRARY(slsg, m) {
   m.def("dense_graph_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
         "Tensor? bias, Tensor out, Tensor lse, Tensor? scores, float scale, bool bias_grad, "
         "bool shared_qk=False) -> (Tensor, Tensor, Tensor, Tensor)");
-  // Which matrix product the CPU scoring and kNN kernels use: "avx2" (ours) or "blas".
+  // Which matrix product the CPU scoring, kNN and attention kernels use: "avx2" (ours) or
+  // "blas"; and how the attention kernels reach the BLAS: "direct" (torch's own sgemm_) or
+  // "aten" (at::addmm).
   m.def("cpu_gemm() -> str", []() -> std::string { return slsg::gemm::available() ? "avx2" : "blas"; });
+  m.def("cpu_blas() -> str", []() -> std::string { return slsg::blas::direct() ? "direct" : "aten"; });
   m.def("cpu_screen() -> str", []() -> std::string { return slsg::gemm_bf16::available() ? "bf16" : "off"; });
 }

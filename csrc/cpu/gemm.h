@@ -36,6 +36,13 @@ inline bool env_is(const char* name, const char* value) {
   return set && std::string(set) == value;
 }
 
+// The first 32-byte aligned float of v, grown to hold n floats from there.
+inline float* aligned(std::vector<float>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n + 8) v.resize(n + 8);
+  auto address = reinterpret_cast<std::uintptr_t>(v.data());
+  return v.data() + ((32 - address % 32) % 32) / sizeof(float);
+}
+
 // Whether this CPU runs the AVX2/FMA kernel (checked once). SLSG_CPU_GEMM=blas in the
 // environment forces the at::mm fallback (how the tests cover it on AVX2 machines).
 inline bool available() {
@@ -98,44 +105,18 @@ __attribute__((target("avx2"))) inline void pack(const float* M, int64_t ld, int
   }
 }
 
-// C[6 x 16] (+)= a-sliver . b-sliver over kc steps; rows/cols limit what is written.
-__attribute__((target("avx2,fma"))) inline void micro_kernel(int64_t kc, const float* a,
-                                                             const float* b, float* c,
-                                                             int64_t ldc, bool accumulate,
-                                                             int64_t rows, int64_t cols) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-#pragma GCC unroll 4
-  for (int64_t p = 0; p < kc; ++p) {
-    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a + 0);
-    c00 = _mm256_fmadd_ps(av, b0, c00), c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a + 1);
-    c10 = _mm256_fmadd_ps(av, b0, c10), c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a + 2);
-    c20 = _mm256_fmadd_ps(av, b0, c20), c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a + 3);
-    c30 = _mm256_fmadd_ps(av, b0, c30), c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a + 4);
-    c40 = _mm256_fmadd_ps(av, b0, c40), c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a + 5);
-    c50 = _mm256_fmadd_ps(av, b0, c50), c51 = _mm256_fmadd_ps(av, b1, c51);
-    a += kMR;
-    b += kNR;
-  }
+// C's first rows x cols (+)= alpha times the 6 x 16 accumulators of a micro-kernel (the
+// packed kernel passes alpha = 1, which is exact).
+__attribute__((target("avx2,fma"), always_inline)) inline void write_micro_tile(
+    float* c, int64_t ldc, float alpha, bool accumulate, int64_t rows, int64_t cols, __m256 c00, __m256 c01,
+    __m256 c10, __m256 c11, __m256 c20, __m256 c21, __m256 c30, __m256 c31, __m256 c40, __m256 c41, __m256 c50,
+    __m256 c51) {
   alignas(32) float tile[kMR * kNR];
-  _mm256_store_ps(tile + 0, c00), _mm256_store_ps(tile + 8, c01);
-  _mm256_store_ps(tile + 16, c10), _mm256_store_ps(tile + 24, c11);
-  _mm256_store_ps(tile + 32, c20), _mm256_store_ps(tile + 40, c21);
-  _mm256_store_ps(tile + 48, c30), _mm256_store_ps(tile + 56, c31);
-  _mm256_store_ps(tile + 64, c40), _mm256_store_ps(tile + 72, c41);
-  _mm256_store_ps(tile + 80, c50), _mm256_store_ps(tile + 88, c51);
-  if (rows == kMR && cols == kNR) {
-    for (int64_t r = 0; r < kMR; ++r) {
+  const __m256 s = _mm256_set1_ps(alpha);
+  const __m256 acc[kMR * 2] = {c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51};
+  for (int64_t v = 0; v < kMR * 2; ++v) _mm256_store_ps(tile + 8 * v, _mm256_mul_ps(s, acc[v]));
+  if (cols == kNR) {
+    for (int64_t r = 0; r < rows; ++r) {
       float* cr = c + r * ldc;
       __m256 lo = _mm256_load_ps(tile + r * kNR), hi = _mm256_load_ps(tile + r * kNR + 8);
       if (accumulate) {
@@ -149,6 +130,98 @@ __attribute__((target("avx2,fma"))) inline void micro_kernel(int64_t kc, const f
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t j = 0; j < cols; ++j)
       c[r * ldc + j] = accumulate ? c[r * ldc + j] + tile[r * kNR + j] : tile[r * kNR + j];
+}
+
+// C[6 x 16] = alpha * A . B (+ C) over the whole depth k, with neither operand packed:
+// B(p, j) = b[p * ldb + j] (16 readable floats per step: a row of a row-major matrix), and
+// A(i, p) = a[i * lda + p] or, with ATrans, a[p * lda + i] (six consecutive floats per
+// step: a column block of a row-major matrix used transposed). Rows beyond `rows` read
+// row 0 (N) and are not written; ATrans callers must make six floats readable per step.
+template <bool ATrans>
+__attribute__((target("avx2,fma"))) inline void strided_micro_kernel(int64_t k, const float* a, int64_t lda,
+                                                                     const float* b, int64_t ldb, float* c,
+                                                                     int64_t ldc, float alpha, bool accumulate,
+                                                                     int64_t rows, int64_t cols) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  // Row r's value at step p: ATrans: a[p * lda + r]; else a_r[p].
+  const int64_t step = ATrans ? lda : 1;
+  const int64_t r1 = ATrans ? 1 : lda * (rows > 1), r2 = ATrans ? 2 : 2 * lda * (rows > 2);
+  const int64_t r3 = ATrans ? 3 : 3 * lda * (rows > 3), r4 = ATrans ? 4 : 4 * lda * (rows > 4);
+  const int64_t r5 = ATrans ? 5 : 5 * lda * (rows > 5);
+#pragma GCC unroll 4
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+    __m256 av = _mm256_broadcast_ss(a);
+    c00 = _mm256_fmadd_ps(av, b0, c00), c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a + r1);
+    c10 = _mm256_fmadd_ps(av, b0, c10), c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a + r2);
+    c20 = _mm256_fmadd_ps(av, b0, c20), c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a + r3);
+    c30 = _mm256_fmadd_ps(av, b0, c30), c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a + r4);
+    c40 = _mm256_fmadd_ps(av, b0, c40), c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a + r5);
+    c50 = _mm256_fmadd_ps(av, b0, c50), c51 = _mm256_fmadd_ps(av, b1, c51);
+    a += step;
+    b += ldb;
+  }
+  write_micro_tile(c, ldc, alpha, accumulate, rows, cols, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51);
+}
+
+// C[6 x 16] (+)= a-sliver . b-sliver over kc steps (packed panels: six values of A, then
+// sixteen of B, per step); rows/cols limit what is written.
+__attribute__((target("avx2,fma"))) inline void micro_kernel(int64_t kc, const float* a, const float* b, float* c,
+                                                             int64_t ldc, bool accumulate, int64_t rows,
+                                                             int64_t cols) {
+  strided_micro_kernel<true>(kc, a, kMR, b, kNR, c, ldc, 1.0f, accumulate, rows, cols);
+}
+
+// C[m, n] = alpha * op(A) . B (+ C with `accumulate`), all row-major: B is [k, n] (ldb),
+// op(A) is A [m, k] (lda) or, with ATrans, A^T for A [k, m]. Nothing is packed but a ragged
+// last block of columns of B or of rows of A^T (into thread-local scratch).
+//
+// Why: in the attention tiles one operand is a [256, 512] score tile and the other is as
+// narrow as a head (32-256 columns). MKL packs the large tile on every call, which cost it
+// up to half its time (A^T . B at n = 32: 56 GFLOP/s, single thread, where this reads the
+// tile in place at 106; A . B: 94-102 against 110-115; scratch measurements, 2026-11-30).
+// Every step reads B's row p once per 16 columns and the matching six values of A, which
+// for both layouts stream from L1 or L2. Requires available().
+template <bool ATrans>
+__attribute__((target("avx2,fma"))) inline void nn_strided(int64_t m, int64_t n, int64_t k, float alpha,
+                                                           const float* a, int64_t lda, const float* b,
+                                                           int64_t ldb, bool accumulate, float* c, int64_t ldc) {
+  thread_local std::vector<float> b_pad, a_pad;
+  for (int64_t j0 = 0; j0 < n; j0 += kNR) {
+    const int64_t cols = std::min(kNR, n - j0);
+    const float* bj = b + j0;
+    int64_t ldbj = ldb;
+    if (cols < kNR) {  // a ragged sliver, zero-padded to 16 columns
+      float* pad = aligned(b_pad, k * kNR);
+      for (int64_t p = 0; p < k; ++p)
+        for (int64_t j = 0; j < kNR; ++j) pad[p * kNR + j] = j < cols ? b[p * ldb + j0 + j] : 0.0f;
+      bj = pad, ldbj = kNR;
+    }
+    for (int64_t i0 = 0; i0 < m; i0 += kMR) {
+      const int64_t rows = std::min(kMR, m - i0);
+      float* ci = c + i0 * ldc + j0;
+      if (!ATrans) {
+        strided_micro_kernel<false>(k, a + i0 * lda, lda, bj, ldbj, ci, ldc, alpha, accumulate, rows, cols);
+      } else if (rows == kMR) {
+        strided_micro_kernel<true>(k, a + i0, lda, bj, ldbj, ci, ldc, alpha, accumulate, rows, cols);
+      } else {  // fewer than six readable values per step: copy them, zero-padded
+        float* pad = aligned(a_pad, k * kMR);
+        for (int64_t p = 0; p < k; ++p)
+          for (int64_t r = 0; r < kMR; ++r) pad[p * kMR + r] = r < rows ? a[p * lda + i0 + r] : 0.0f;
+        strided_micro_kernel<true>(k, pad, kMR, bj, ldbj, ci, ldc, alpha, accumulate, rows, cols);
+      }
+    }
+  }
 }
 
 // out[t] = a[t] . b[t] (each of depth d) with the arithmetic of micro_kernel under nt_packed:
@@ -181,11 +254,6 @@ __attribute__((target("avx2,fma"))) inline void pair_dots(const float* const* a,
 
 #endif  // SLSG_GEMM_AVX2
 
-inline float* aligned(std::vector<float>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n + 8) v.resize(n + 8);
-  auto address = reinterpret_cast<std::uintptr_t>(v.data());
-  return v.data() + ((32 - address % 32) % 32) / sizeof(float);
-}
 
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 

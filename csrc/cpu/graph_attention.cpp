@@ -7,9 +7,11 @@
 // into (no atomics, deterministic).
 //
 // Dense: flash-attention on the CPU. Query tiles of kQueryTile rows meet key tiles of
-// kKeyTile rows as GEMMs (BLAS speed), with an online softmax that rescales the partial
-// output when a later tile raises the row maximum; the softmax work is fused row passes
-// over the tile while it is in cache. Extra memory is a few tiles per thread, never an
+// kKeyTile rows as GEMMs on raw pointers (blas.h: our strided kernel or torch's BLAS), with
+// an online softmax that rescales the partial output when a later tile raises the row
+// maximum; the softmax work (and the bias add) is fused row passes over the tile while it
+// is in cache. Work items run head-major, so the batch items that share a bias stripe run
+// back to back and read it from cache. Extra memory is a few tiles per thread, never an
 // N x N matrix. The backward recomputes the probabilities tile by tile from the saved
 // logsumexp, from the scores themselves where the forward kept them (kept_slices: the
 // caller bounds their size), else from a fresh Q K^T product. When the caller passed one
@@ -31,6 +33,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "blas.h"
 
 namespace slsg {
 namespace {
@@ -274,6 +277,20 @@ static inline __attribute__((always_inline)) float exp_shifted_sum_body(const fl
   return sum_body(out, n);
 }
 
+// s[j] += b[j], returning the new row's maximum: the bias add and the max in one pass.
+static inline __attribute__((always_inline)) float add_row_max_body(float* __restrict s, const float* __restrict b,
+                                                                    int64_t n) {
+  for (int64_t j = 0; j < n; ++j) s[j] += b[j];
+  return row_max_body(s, n);
+}
+
+// out[j] = exp(in[j] + b[j] - shift), returning the sum (out may be in).
+static inline __attribute__((always_inline)) float exp_bias_shifted_sum_body(const float* in, const float* b,
+                                                                             float* out, int64_t n, float shift) {
+  for (int64_t j = 0; j < n; ++j) out[j] = exp_approx(in[j] + b[j] - shift);
+  return sum_body(out, n);
+}
+
 static inline __attribute__((always_inline)) void softmax_grad_body(float* __restrict dp, const float* __restrict p,
                                                                     int64_t n, float row_dot) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - row_dot);
@@ -285,11 +302,19 @@ SLSG_AVX2 float exp_shifted_sum_avx2(const float* in, float* out, int64_t n, flo
   return exp_shifted_sum_body(in, out, n, shift);
 }
 SLSG_AVX2 void softmax_grad_avx2(float* dp, const float* p, int64_t n, float d) { softmax_grad_body(dp, p, n, d); }
+SLSG_AVX2 float add_row_max_avx2(float* s, const float* b, int64_t n) { return add_row_max_body(s, b, n); }
+SLSG_AVX2 float exp_bias_shifted_sum_avx2(const float* in, const float* b, float* out, int64_t n, float shift) {
+  return exp_bias_shifted_sum_body(in, b, out, n, shift);
+}
 float row_max_base(const float* s, int64_t n) { return row_max_body(s, n); }
 float exp_shifted_sum_base(const float* in, float* out, int64_t n, float shift) {
   return exp_shifted_sum_body(in, out, n, shift);
 }
 void softmax_grad_base(float* dp, const float* p, int64_t n, float d) { softmax_grad_body(dp, p, n, d); }
+float add_row_max_base(float* s, const float* b, int64_t n) { return add_row_max_body(s, b, n); }
+float exp_bias_shifted_sum_base(const float* in, const float* b, float* out, int64_t n, float shift) {
+  return exp_bias_shifted_sum_body(in, b, out, n, shift);
+}
 #undef SLSG_AVX2
 
 #pragma GCC pop_options
@@ -306,6 +331,12 @@ float exp_shifted_sum_f(const float* in, float* out, int64_t n, float shift) {
 }
 void softmax_grad_f(float* dp, const float* p, int64_t n, float d) {
   kHasAvx2 ? softmax_grad_avx2(dp, p, n, d) : softmax_grad_base(dp, p, n, d);
+}
+float add_row_max_f(float* s, const float* b, int64_t n) {
+  return kHasAvx2 ? add_row_max_avx2(s, b, n) : add_row_max_base(s, b, n);
+}
+float exp_bias_shifted_sum_f(const float* in, const float* b, float* out, int64_t n, float shift) {
+  return kHasAvx2 ? exp_bias_shifted_sum_avx2(in, b, out, n, shift) : exp_bias_shifted_sum_base(in, b, out, n, shift);
 }
 
 // max_j s[j]
@@ -342,6 +373,31 @@ void softmax_grad(T* dp, const T* p, int64_t n, T row_dot) {
   }
 }
 
+// s[j] += b[j] (b may be null: no bias); returns max_j s[j].
+template <typename T>
+T add_row_max(T* s, const T* b, int64_t n) {
+  if (b == nullptr) return row_max(s, n);
+  if constexpr (std::is_same_v<T, float>) {
+    return add_row_max_f(s, b, n);
+  } else {
+    for (int64_t j = 0; j < n; ++j) s[j] += b[j];
+    return row_max(s, n);
+  }
+}
+
+// out[j] = exp(in[j] (+ b[j]) - shift) (out may be in; b may be null); returns the sum.
+template <typename T>
+T exp_shifted_sum(const T* in, const T* b, T* out, int64_t n, T shift) {
+  if (b == nullptr) return exp_shifted_sum(in, out, n, shift);
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_bias_shifted_sum_f(in, b, out, n, shift);
+  } else {
+    T sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += (out[j] = std::exp(in[j] + b[j] - shift));
+    return sum;
+  }
+}
+
 // Tile sizes (rows of Q x rows of K): GEMMs large enough for BLAS speed, a score tile of
 // 128-256 KiB per thread. The backward's GEMMs also contract over the query tile
 // (P^T dO, dS^T Q), so it uses taller query tiles.
@@ -350,19 +406,8 @@ constexpr int64_t kKeyTile = 512;
 constexpr int64_t kQueryTileB = 256;
 constexpr int64_t kKeyTileB = 512;
 
-// scores = scale * Q K^T (+ bias tile), written into `scores` ([rows, cols], contiguous).
-void tile_scores(at::Tensor& scores, const at::Tensor& Q, const at::Tensor& Kt,
-                 const at::Tensor& bias_tile, double scale) {
-  if (bias_tile.defined()) {
-    at::addmm_out(scores, bias_tile, Q, Kt.t(), 1.0, scale);
-  } else {
-    at::addmm_out(scores, scores, Q, Kt.t(), 0.0, scale);  // beta = 0: old contents ignored
-  }
-}
-
-// at::parallel_for(begin, end, 1, f) whose pool threads run in the caller's inference mode.
-// The tiles go through ATen ops writing into the outputs, which under inference_mode are
-// inference tensors, and pool threads do not inherit the mode.
+// at::parallel_for(begin, end, 1, f) whose pool threads run in the caller's inference mode
+// (the entry functions allocate through ATen; pool threads do not inherit the mode).
 template <typename F>
 void parallel_tiles(int64_t begin, int64_t end, const F& f) {
   const bool inference = c10::InferenceMode::is_enabled();
@@ -373,13 +418,8 @@ void parallel_tiles(int64_t begin, int64_t end, const F& f) {
   });
 }
 
-// A [rows, cols] view of a flat per-thread buffer.
-at::Tensor tile_view(const at::Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// q, k, v as [B*H, N, D] contiguous, detached (tiles go through ATen ops, which autograd
-// must not record). k is often q itself (shared projections): one copy then.
+// q, k, v as [B*H, N, D] contiguous, detached. k is often q itself (shared projections):
+// one copy then.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flat_qkv(const at::Tensor& q_in, const at::Tensor& k_in,
                                                         const at::Tensor& v_in) {
   const int64_t BH = q_in.size(0) * q_in.size(1);
@@ -389,56 +429,84 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flat_qkv(const at::Tensor& q_in, 
   return {q, k, v};
 }
 
+// The bias [H, Nq, Nk] by rows (row(h, i) = &bias[h, i, 0]; null without a bias). Its
+// last dimension must be contiguous: see bias_with_unit_stride.
+template <typename T>
+struct BiasRows {
+  const T* data = nullptr;
+  int64_t head_stride = 0, row_stride = 0;
+  explicit BiasRows(const at::Tensor& bias) {
+    if (bias.defined() && bias.numel() > 0) {
+      data = bias.data_ptr<T>();
+      head_stride = bias.stride(0), row_stride = bias.stride(1);
+    }
+  }
+  const T* row(int64_t h, int64_t i, int64_t j0) const {
+    return data ? data + h * head_stride + i * row_stride + j0 : nullptr;
+  }
+};
+
+at::Tensor bias_with_unit_stride(const std::optional<at::Tensor>& bias_in) {
+  if (!bias_in.has_value()) return at::Tensor();
+  const at::Tensor bias = bias_in->detach();
+  return bias.size(2) > 1 && bias.stride(2) != 1 ? bias.contiguous() : bias;
+}
+
 // With `scores` defined ([S, Nq, Nk], S <= BH), the scores of the first S slices are written
 // there and exponentiated into the per-thread tile, so the backward can skip recomputing them.
 template <typename scalar_t>
 void dense_forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& bias, double scale, int64_t H, at::Tensor& out,
+                          const BiasRows<scalar_t>& bias, scalar_t scale, int64_t H, at::Tensor& out,
                           at::Tensor& lse, const at::Tensor& scores) {
-  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), Dv = v.size(2);
+  using blas::Op;
+  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), D = q.size(2), Dv = v.size(2);
   const int64_t nqb = (Nq + kQueryTile - 1) / kQueryTile;
   const int64_t kept = scores.defined() ? scores.size(0) : 0;
+  const scalar_t *qd = q.data_ptr<scalar_t>(), *kd = k.data_ptr<scalar_t>(), *vd = v.data_ptr<scalar_t>();
+  scalar_t* kept_d = kept > 0 ? scores.data_ptr<scalar_t>() : nullptr;
+  scalar_t *od = out.data_ptr<scalar_t>(), *lsed = lse.data_ptr<scalar_t>();
+  const int64_t B = H > 0 ? BH / H : 0;
   parallel_tiles(0, BH * nqb, [&](int64_t begin, int64_t end) {
-    at::Tensor buffer = at::empty({kQueryTile * std::min(kKeyTile, Nk)}, q.options());
+    std::vector<scalar_t> buffer(kQueryTile * std::min(kKeyTile, Nk));
     std::vector<scalar_t> m(kQueryTile), l(kQueryTile), alpha(kQueryTile);
+    scalar_t* S = buffer.data();
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t bh = w / nqb, h = bh % H, q0 = (w % nqb) * kQueryTile;
+      // Items in (head, query tile, batch) order: the batch items that share a stripe of
+      // the bias run one after another, so it is read from memory once, not once per item
+      // (H = 8, N = 1024: 32 MiB per item).
+      const int64_t b = w % B, h = w / B / nqb, q0 = (w / B % nqb) * kQueryTile, bh = b * H + h;
       const int64_t rows = std::min(kQueryTile, Nq - q0);
-      const at::Tensor Q = q[bh].narrow(0, q0, rows);
-      at::Tensor O = out[bh].narrow(0, q0, rows);
-      scalar_t* o = O.data_ptr<scalar_t>();
+      const scalar_t* Q = qd + (bh * Nq + q0) * D;
+      scalar_t* O = od + (bh * Nq + q0) * Dv;
       for (int64_t k0 = 0; k0 < Nk; k0 += kKeyTile) {
         const int64_t cols = std::min(kKeyTile, Nk - k0);
-        const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
-        at::Tensor S = tile_view(buffer, rows, cols);
-        at::Tensor raw = bh < kept ? scores[bh].narrow(0, q0, rows).narrow(1, k0, cols) : S;
-        tile_scores(raw, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
-        scalar_t* sd = S.data_ptr<scalar_t>();
-        const scalar_t* rd = raw.data_ptr<scalar_t>();
-        const int64_t raw_stride = raw.stride(0);
+        const scalar_t *K = kd + (bh * Nk + k0) * D, *V = vd + (bh * Nk + k0) * Dv;
+        // Raw scores go to the kept copy when there is one, else straight into the tile.
+        scalar_t* raw = bh < kept ? kept_d + (bh * Nq + q0) * Nk + k0 : S;
+        const int64_t ld_raw = bh < kept ? Nk : cols;
+        blas::gemm<scalar_t>(Op::N, Op::T, rows, cols, D, scale, Q, D, K, D, 0, raw, ld_raw);
         for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* row = rd + r * raw_stride;
-          const scalar_t m_new = k0 == 0 ? row_max(row, cols) : std::max(m[r], row_max(row, cols));
+          scalar_t* row = raw + r * ld_raw;
+          const scalar_t tile_max = add_row_max(row, bias.row(h, q0 + r, k0), cols);
+          const scalar_t m_new = k0 == 0 ? tile_max : std::max(m[r], tile_max);
           const scalar_t shift = finite_or_zero(m_new);
-          const scalar_t sum = exp_shifted_sum(row, sd + r * cols, cols, shift);
+          const scalar_t sum = exp_shifted_sum(row, S + r * cols, cols, shift);
           // alpha rescales what earlier tiles summed under the old maximum.
           alpha[r] = k0 == 0 ? scalar_t(0) : std::exp(m[r] - shift);
           l[r] = (k0 == 0 ? scalar_t(0) : l[r] * alpha[r]) + sum;
           m[r] = m_new;
         }
-        if (k0 == 0) {
-          at::mm_out(O, S, Vt);
-        } else {
+        if (k0 > 0) {
           for (int64_t r = 0; r < rows; ++r)
-            for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= alpha[r];
-          O.addmm_(S, Vt);
+            for (int64_t d = 0; d < Dv; ++d) O[r * Dv + d] *= alpha[r];
         }
+        blas::gemm<scalar_t>(Op::N, Op::N, rows, Dv, cols, 1, S, cols, V, Dv, k0 == 0 ? 0 : 1, O, Dv);
       }
-      scalar_t* ld = lse.data_ptr<scalar_t>() + bh * Nq + q0;
+      scalar_t* L = lsed + bh * Nq + q0;
       for (int64_t r = 0; r < rows; ++r) {
         const scalar_t inv = scalar_t(1) / l[r];
-        for (int64_t d = 0; d < Dv; ++d) o[r * Dv + d] *= inv;
-        ld[r] = m[r] + std::log(l[r]);
+        for (int64_t d = 0; d < Dv; ++d) O[r * Dv + d] *= inv;
+        L[r] = m[r] + std::log(l[r]);
       }
     }
   });
@@ -453,14 +521,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_graph_attention_cpu(
   TORCH_CHECK(kept_slices >= 0 && kept_slices <= B * H, "dense_graph_attention: kept_slices must be in [0, B * H] = [0, ",
               B * H, "], got ", kept_slices);
   const auto [q, k, v] = flat_qkv(q_in, k_in, v_in);
-  const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
+  const at::Tensor bias = bias_with_unit_stride(bias_in);
   at::Tensor out = at::empty({B * H, Nq, Dv}, q.options());
   at::Tensor lse = at::empty({B * H, Nq}, q.options());
   const int64_t Nk = k_in.size(2);
   at::Tensor scores = kept_slices > 0 ? at::empty({kept_slices, Nq, Nk}, q.options()) : at::Tensor();
   if (B * H * Nq > 0) {
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "dense_graph_attention_cpu", [&] {
-      dense_forward_kernel<scalar_t>(q, k, v, bias, scale, H, out, lse, scores);
+      dense_forward_kernel<scalar_t>(q, k, v, BiasRows<scalar_t>(bias), static_cast<scalar_t>(scale), H, out, lse,
+                                     scores);
     });
   }
   return {out.view({B, H, Nq, Dv}), lse.view({B, H, Nq}),
@@ -482,75 +551,91 @@ void softmax_row_terms(scalar_t* row_dot, const at::Tensor& dout, const at::Tens
     row_dot[i] = lsed[i] == -std::numeric_limits<scalar_t>::infinity() ? scalar_t(0) : dot(dod + i * Dv, od + i * Dv, Dv);
 }
 
+// dst[r, c] (+)= src[c, r] for a [rows, cols] dst (row stride cols) and a [cols, rows] src
+// (row stride rows), in square blocks so both sides stay in L1.
+template <bool Add, typename T>
+void transposed_into(T* dst, const T* src, int64_t rows, int64_t cols) {
+  constexpr int64_t kBlock = 32;
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
+        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) {
+          if constexpr (Add) {
+            dst[r * cols + c] += src[c * rows + r];
+          } else {
+            dst[r * cols + c] = src[c * rows + r];
+          }
+        }
+}
+
+// gbias[h, r0:r0+rows, c0:c0+cols] += dS ([rows, cols]), gbias contiguous [H, Nq, Nk].
+template <typename T>
+void add_bias_grad(T* gbias, int64_t Nq, int64_t Nk, int64_t h, int64_t r0, int64_t c0, const T* dS, int64_t rows,
+                   int64_t cols) {
+  T* g = gbias + (h * Nq + r0) * Nk + c0;
+  for (int64_t r = 0; r < rows; ++r) axpy(g + r * Nk, T(1), dS + r * cols, cols);
+}
+
 template <typename scalar_t>
 void dense_backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                           const at::Tensor& v, const at::Tensor& bias, const at::Tensor& out,
-                           const at::Tensor& lse, const at::Tensor& scores, double scale, int64_t H,
+                           const at::Tensor& v, const BiasRows<scalar_t>& bias, const at::Tensor& out,
+                           const at::Tensor& lse, const at::Tensor& scores, scalar_t scale, int64_t H,
                            at::Tensor& gq, at::Tensor& gk, at::Tensor& gv, at::Tensor& gbias) {
-  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1);
-  const int64_t nqb = (Nq + kQueryTileB - 1) / kQueryTileB;
+  using blas::Op;
+  const int64_t BH = q.size(0), Nq = q.size(1), Nk = k.size(1), D = q.size(2), Dv = v.size(2);
+  const int64_t nqb = (Nq + kQueryTileB - 1) / kQueryTileB, B = H > 0 ? BH / H : 0;
   const int64_t kept = scores.defined() ? scores.size(0) : 0;
   const bool bias_grad = gbias.numel() > 0;
+  const scalar_t *qd = q.data_ptr<scalar_t>(), *kd = k.data_ptr<scalar_t>(), *vd = v.data_ptr<scalar_t>();
+  const scalar_t *dod = dout.data_ptr<scalar_t>(), *lsed = lse.data_ptr<scalar_t>();
+  const scalar_t* kept_d = kept > 0 ? scores.data_ptr<scalar_t>() : nullptr;
+  scalar_t *gqd = gq.data_ptr<scalar_t>(), *gkd = gk.data_ptr<scalar_t>(), *gvd = gv.data_ptr<scalar_t>();
+  scalar_t* gbd = bias_grad ? gbias.data_ptr<scalar_t>() : nullptr;
   // Items (b, h) own their dq, dk, dv; the bias gradient sums over the batch, so the items
   // of one head share it: one lock per (head, query tile) stripe.
   std::unique_ptr<std::mutex[]> stripe_locks(new std::mutex[std::max<int64_t>(1, H * nqb)]);
   parallel_tiles(0, BH, [&](int64_t begin, int64_t end) {
     const int64_t tile = std::min(kQueryTileB, Nq) * std::min(kKeyTileB, Nk);
-    at::Tensor p_buffer = at::empty({tile}, q.options()), dp_buffer = at::empty({tile}, q.options());
-    std::vector<scalar_t> row_dot(Nq);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t h = bh % H;
+    std::vector<scalar_t> p_buffer(tile), dp_buffer(tile), row_dot(Nq);
+    scalar_t *P = p_buffer.data(), *dS = dp_buffer.data();
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w / B, bh = w % B * H + h;  // (head, batch) order, as the forward's
       // The gradient slices are not zeroed: the first product into each overwrites it
       // (beta = 0), which saves a pass over them and a read of C in each first product.
       softmax_row_terms(row_dot.data(), dout, out, lse, bh);
       for (int64_t qb = 0; qb < nqb; ++qb) {
         const int64_t q0 = qb * kQueryTileB, rows = std::min(kQueryTileB, Nq - q0);
-        const at::Tensor Q = q[bh].narrow(0, q0, rows);
-        const at::Tensor dO = dout[bh].narrow(0, q0, rows);
-        const scalar_t* L = lse.data_ptr<scalar_t>() + bh * Nq + q0;
-        const scalar_t* Drow = row_dot.data() + q0;
-        at::Tensor dQ = gq[bh].narrow(0, q0, rows);
+        const scalar_t *Q = qd + (bh * Nq + q0) * D, *dO = dod + (bh * Nq + q0) * Dv;
+        const scalar_t *L = lsed + bh * Nq + q0, *Drow = row_dot.data() + q0;
+        scalar_t* dQ = gqd + (bh * Nq + q0) * D;
         for (int64_t k0 = 0; k0 < Nk; k0 += kKeyTileB) {
           const int64_t cols = std::min(kKeyTileB, Nk - k0);
-          const at::Tensor Kt = k[bh].narrow(0, k0, cols), Vt = v[bh].narrow(0, k0, cols);
-          at::Tensor P = tile_view(p_buffer, rows, cols), dS = tile_view(dp_buffer, rows, cols);
-          scalar_t* pd = P.data_ptr<scalar_t>();
+          const scalar_t *K = kd + (bh * Nk + k0) * D, *V = vd + (bh * Nk + k0) * Dv;
           if (bh < kept) {  // kept by the forward: P = exp(S - lse) straight from them
-            const scalar_t* sd = scores.data_ptr<scalar_t>() + (bh * Nq + q0) * Nk + k0;
-            for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(sd + r * Nk, pd + r * cols, cols, finite_or_zero(L[r]));
+            const scalar_t* sd = kept_d + (bh * Nq + q0) * Nk + k0;
+            for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(sd + r * Nk, P + r * cols, cols, finite_or_zero(L[r]));
           } else {
-            tile_scores(P, Q, Kt, bias.defined() ? bias[h].narrow(0, q0, rows).narrow(1, k0, cols) : at::Tensor(), scale);
-            for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(pd + r * cols, pd + r * cols, cols, finite_or_zero(L[r]));
+            blas::gemm<scalar_t>(Op::N, Op::T, rows, cols, D, scale, Q, D, K, D, 0, P, cols);
+            for (int64_t r = 0; r < rows; ++r)
+              exp_shifted_sum(P + r * cols, bias.row(h, q0 + r, k0), P + r * cols, cols, finite_or_zero(L[r]));
           }
           // The first query tile writes each key tile's dk, dv rows; the first key tile
           // writes each query tile's dq rows.
-          const double first_q = qb == 0 ? 0.0 : 1.0, first_k = k0 == 0 ? 0.0 : 1.0;
-          at::Tensor dK = gk[bh].narrow(0, k0, cols), dV = gv[bh].narrow(0, k0, cols);
-          dV.addmm_(P.t(), dO, first_q);
-          at::mm_out(dS, dO, Vt.t());  // dP
-          scalar_t* dsd = dS.data_ptr<scalar_t>();
-          for (int64_t r = 0; r < rows; ++r) softmax_grad(dsd + r * cols, pd + r * cols, cols, Drow[r]);
-          dQ.addmm_(dS, Kt, first_k, scale);
-          dK.addmm_(dS.t(), Q, first_q, scale);
+          const scalar_t first_q = qb == 0 ? 0 : 1, first_k = k0 == 0 ? 0 : 1;
+          scalar_t *dK = gkd + (bh * Nk + k0) * D, *dV = gvd + (bh * Nk + k0) * Dv;
+          blas::gemm<scalar_t>(Op::T, Op::N, cols, Dv, rows, 1, P, cols, dO, Dv, first_q, dV, Dv);
+          blas::gemm<scalar_t>(Op::N, Op::T, rows, cols, Dv, 1, dO, Dv, V, Dv, 0, dS, cols);  // dP
+          for (int64_t r = 0; r < rows; ++r) softmax_grad(dS + r * cols, P + r * cols, cols, Drow[r]);
+          blas::gemm<scalar_t>(Op::N, Op::N, rows, D, cols, scale, dS, cols, K, D, first_k, dQ, D);
+          blas::gemm<scalar_t>(Op::T, Op::N, cols, D, rows, scale, dS, cols, Q, D, first_q, dK, D);
           if (bias_grad) {
             std::lock_guard<std::mutex> guard(stripe_locks[h * nqb + qb]);
-            gbias[h].narrow(0, q0, rows).narrow(1, k0, cols).add_(dS);
+            add_bias_grad(gbd, Nq, Nk, h, q0, k0, dS, rows, cols);
           }
         }
       }
     }
   });
-}
-
-// dst[r, c] += src[c, r] for a [rows, cols] dst (row stride cols) and a [cols, rows] src
-// (row stride rows), in square blocks so both sides stay in L1.
-template <typename T>
-void add_transposed(T* dst, const T* src, int64_t rows, int64_t cols) {
-  constexpr int64_t kBlock = 32;
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
-      for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r)
-        for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c) dst[r * cols + c] += src[c * rows + r];
 }
 
 // Square tiles of the shared-projection backward (below): four per thread.
@@ -568,87 +653,91 @@ constexpr int64_t kSharedMinDepth = 32;
 // against the general backward's 8 (10). Parallel over (batch, head) like the general one.
 template <typename scalar_t>
 void dense_backward_shared_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& v,
-                                  const at::Tensor& bias, const at::Tensor& out, const at::Tensor& lse,
-                                  const at::Tensor& scores, double scale, int64_t H, at::Tensor& gq,
+                                  const BiasRows<scalar_t>& bias, const at::Tensor& out, const at::Tensor& lse,
+                                  const at::Tensor& scores, scalar_t scale, int64_t H, at::Tensor& gq,
                                   at::Tensor& gv, at::Tensor& gbias) {
-  const int64_t BH = q.size(0), N = q.size(1);
-  const int64_t nt = (N + kSharedTile - 1) / kSharedTile;
+  using blas::Op;
+  const int64_t BH = q.size(0), N = q.size(1), D = q.size(2), Dv = v.size(2);
+  const int64_t nt = (N + kSharedTile - 1) / kSharedTile, B = H > 0 ? BH / H : 0;
   const int64_t kept = scores.defined() ? scores.size(0) : 0;
   const bool bias_grad = gbias.numel() > 0;
+  const scalar_t *qd = q.data_ptr<scalar_t>(), *vd = v.data_ptr<scalar_t>(), *dod = dout.data_ptr<scalar_t>();
+  const scalar_t* kept_d = kept > 0 ? scores.data_ptr<scalar_t>() : nullptr;
+  scalar_t *gqd = gq.data_ptr<scalar_t>(), *gvd = gv.data_ptr<scalar_t>();
+  scalar_t* gbd = bias_grad ? gbias.data_ptr<scalar_t>() : nullptr;
   // The bias gradient sums over the batch: one lock per (head, tile row) stripe, and a
   // thread holds at most one at a time.
   std::unique_ptr<std::mutex[]> stripe_locks(new std::mutex[std::max<int64_t>(1, H * nt)]);
   parallel_tiles(0, BH, [&](int64_t begin, int64_t end) {
     const int64_t side = std::min(kSharedTile, N);
-    at::Tensor buffer = at::empty({4 * side * side}, q.options());
-    const auto buffer_view = [&](int64_t which, int64_t rows, int64_t cols) {
-      return buffer.narrow(0, which * side * side, rows * cols).view({rows, cols});
-    };
-    std::vector<scalar_t> row_dot(N);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t h = bh % H;
+    std::vector<scalar_t> buffer(4 * side * side), row_dot(N);
+    const auto slot = [&](int64_t which) { return buffer.data() + which * side * side; };
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t h = w / B, bh = w % B * H + h;  // (head, batch) order, as the forward's
       const scalar_t* L = lse.data_ptr<scalar_t>() + bh * N;
+      const scalar_t *Qb = qd + bh * N * D, *Vb = vd + bh * N * Dv, *dOb = dod + bh * N * Dv;
+      scalar_t *gQb = gqd + bh * N * D, *gVb = gvd + bh * N * Dv;
       softmax_row_terms(row_dot.data(), dout, out, lse, bh);
-      gq[bh].zero_();
-      gv[bh].zero_();
+      std::fill(gQb, gQb + N * D, scalar_t(0));
+      std::fill(gVb, gVb + N * Dv, scalar_t(0));
       // P = exp(scores - lse) over rows [r0, r0 + rows) and columns [c0, c0 + cols), into P
-      // (which may already hold the raw scores), or straight from the kept scores.
-      const auto probabilities = [&](at::Tensor& P, int64_t r0, int64_t c0, bool from_kept) {
-        const int64_t rows = P.size(0), cols = P.size(1);
-        scalar_t* pd = P.data_ptr<scalar_t>();
-        const scalar_t* src = from_kept ? scores.data_ptr<scalar_t>() + (bh * N + r0) * N + c0 : pd;
-        const int64_t ld = from_kept ? N : cols;
-        for (int64_t r = 0; r < rows; ++r) exp_shifted_sum(src + r * ld, pd + r * cols, cols, finite_or_zero(L[r0 + r]));
+      // (which may already hold the raw scores, before the bias), or straight from the kept
+      // scores (which include it).
+      const auto probabilities = [&](scalar_t* P, int64_t rows, int64_t cols, int64_t r0, int64_t c0, bool from_kept) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const scalar_t shift = finite_or_zero(L[r0 + r]);
+          if (from_kept) {
+            exp_shifted_sum(kept_d + (bh * N + r0 + r) * N + c0, P + r * cols, cols, shift);
+          } else {
+            exp_shifted_sum(P + r * cols, bias.row(h, r0 + r, c0), P + r * cols, cols, shift);
+          }
+        }
       };
       // dS = P o (dO_rows V_cols^T - D_rows) into dS.
-      const auto score_grad = [&](at::Tensor& dS, const at::Tensor& P, int64_t r0, int64_t c0) {
-        const int64_t rows = dS.size(0), cols = dS.size(1);
-        at::mm_out(dS, dout[bh].narrow(0, r0, rows), v[bh].narrow(0, c0, cols).t());
-        scalar_t* dsd = dS.data_ptr<scalar_t>();
-        const scalar_t* pd = P.data_ptr<scalar_t>();
-        for (int64_t r = 0; r < rows; ++r) softmax_grad(dsd + r * cols, pd + r * cols, cols, row_dot[r0 + r]);
+      const auto score_grad = [&](scalar_t* dS, const scalar_t* P, int64_t rows, int64_t cols, int64_t r0, int64_t c0) {
+        blas::gemm<scalar_t>(Op::N, Op::T, rows, cols, Dv, 1, dOb + r0 * Dv, Dv, Vb + c0 * Dv, Dv, 0, dS, cols);
+        for (int64_t r = 0; r < rows; ++r) softmax_grad(dS + r * cols, P + r * cols, cols, row_dot[r0 + r]);
         if (bias_grad) {
           std::lock_guard<std::mutex> guard(stripe_locks[h * nt + r0 / kSharedTile]);
-          gbias[h].narrow(0, r0, rows).narrow(1, c0, cols).add_(dS);
+          add_bias_grad(gbd, N, N, h, r0, c0, dS, rows, cols);
         }
       };
       for (int64_t ti = 0; ti < nt; ++ti) {
         const int64_t i0 = ti * kSharedTile, ri = std::min(kSharedTile, N - i0);
-        const at::Tensor Qi = q[bh].narrow(0, i0, ri), dOi = dout[bh].narrow(0, i0, ri);
-        at::Tensor dQi = gq[bh].narrow(0, i0, ri), dVi = gv[bh].narrow(0, i0, ri);
+        const scalar_t *Qi = Qb + i0 * D, *dOi = dOb + i0 * Dv;
+        scalar_t *dQi = gQb + i0 * D, *dVi = gVb + i0 * Dv;
         for (int64_t tj = ti; tj < nt; ++tj) {
           const int64_t j0 = tj * kSharedTile, rj = std::min(kSharedTile, N - j0);
           const bool diagonal = ti == tj;
-          const at::Tensor Qj = q[bh].narrow(0, j0, rj), dOj = dout[bh].narrow(0, j0, rj);
-          at::Tensor dQj = gq[bh].narrow(0, j0, rj), dVj = gv[bh].narrow(0, j0, rj);
-          at::Tensor Pij = buffer_view(0, ri, rj), Pji = buffer_view(1, rj, ri);
+          const scalar_t *Qj = Qb + j0 * D, *dOj = dOb + j0 * Dv;
+          scalar_t *dQj = gQb + j0 * D, *dVj = gVb + j0 * Dv;
+          scalar_t *Pij = slot(0), *Pji = slot(1);  // [ri, rj] and [rj, ri]
           if (bh < kept) {
-            probabilities(Pij, i0, j0, true);
-            if (!diagonal) probabilities(Pji, j0, i0, true);
+            probabilities(Pij, ri, rj, i0, j0, true);
+            if (!diagonal) probabilities(Pji, rj, ri, j0, i0, true);
           } else {
-            tile_scores(Pij, Qi, Qj, at::Tensor(), scale);
+            blas::gemm<scalar_t>(Op::N, Op::T, ri, rj, D, scale, Qi, D, Qj, D, 0, Pij, rj);
             if (!diagonal) {
-              Pji.copy_(Pij.t());
-              if (bias.defined()) Pji.add_(bias[h].narrow(0, j0, rj).narrow(1, i0, ri));
-              probabilities(Pji, j0, i0, false);
+              transposed_into<false>(Pji, Pij, rj, ri);
+              probabilities(Pji, rj, ri, j0, i0, false);
             }
-            if (bias.defined()) Pij.add_(bias[h].narrow(0, i0, ri).narrow(1, j0, rj));
-            probabilities(Pij, i0, j0, false);
+            probabilities(Pij, ri, rj, i0, j0, false);
           }
-          dVj.addmm_(Pij.t(), dOi);
-          at::Tensor dSij = buffer_view(2, ri, rj), dSji = buffer_view(3, rj, ri);
-          score_grad(dSij, Pij, i0, j0);
+          blas::gemm<scalar_t>(Op::T, Op::N, rj, Dv, ri, 1, Pij, rj, dOi, Dv, 1, dVj, Dv);  // dVj += Pij^T dOi
+          scalar_t *dSij = slot(2), *dSji = slot(3);  // [ri, rj] and [rj, ri]
+          score_grad(dSij, Pij, ri, rj, i0, j0);
           if (diagonal) {
-            at::Tensor sum = buffer_view(1, ri, ri);  // Pji's slot is free on the diagonal
-            at::add_out(sum, dSij, dSij.t());
-            dQi.addmm_(sum, Qi, 1.0, scale);
+            scalar_t* sum = slot(1);  // Pji's slot is free on the diagonal: dS + dS^T
+            std::copy(dSij, dSij + ri * ri, sum);
+            transposed_into<true>(sum, dSij, ri, ri);
+            blas::gemm<scalar_t>(Op::N, Op::N, ri, D, ri, scale, sum, ri, Qi, D, 1, dQi, D);
             continue;
           }
-          dVi.addmm_(Pji.t(), dOj);
-          score_grad(dSji, Pji, j0, i0);
-          add_transposed(dSij.data_ptr<scalar_t>(), dSji.data_ptr<scalar_t>(), ri, rj);
-          dQi.addmm_(dSij, Qj, 1.0, scale);
-          dQj.addmm_(dSij.t(), Qi, 1.0, scale);
+          blas::gemm<scalar_t>(Op::T, Op::N, ri, Dv, rj, 1, Pji, ri, dOj, Dv, 1, dVi, Dv);  // dVi += Pji^T dOj
+          score_grad(dSji, Pji, rj, ri, j0, i0);
+          transposed_into<true>(dSij, dSji, ri, rj);
+          blas::gemm<scalar_t>(Op::N, Op::N, ri, D, rj, scale, dSij, rj, Qj, D, 1, dQi, D);
+          blas::gemm<scalar_t>(Op::T, Op::N, rj, D, ri, scale, dSij, rj, Qi, D, 1, dQj, D);
         }
       }
     }
@@ -685,7 +774,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   const at::Tensor dout = grad_out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
   const at::Tensor lse = lse_in.detach().to(dtype).contiguous().view({B * H, Nq});
   const at::Tensor out = out_in.detach().to(dtype).contiguous().view({B * H, Nq, Dv});
-  const at::Tensor bias = bias_in.has_value() ? bias_in->detach() : at::Tensor();
+  const at::Tensor bias = bias_with_unit_stride(bias_in);
   const bool shared_kernel = shared_qk && D >= kSharedMinDepth;
   at::Tensor gq = at::empty({B * H, Nq, D}, q.options());
   at::Tensor gk = shared_kernel ? at::Tensor() : at::empty({B * H, Nk, D}, q.options());
@@ -693,14 +782,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dense_graph_attention
   at::Tensor gbias = bias_grad ? at::zeros({H, Nq, Nk}, q.options()) : at::empty({0}, q.options());
   if (shared_kernel) {
     AT_DISPATCH_FLOATING_TYPES(dtype, "dense_graph_attention_backward_cpu", [&] {
-      dense_backward_shared_kernel<scalar_t>(dout, q, v, bias, out, lse, scores, scale, H, gq, gv, gbias);
+      dense_backward_shared_kernel<scalar_t>(dout, q, v, BiasRows<scalar_t>(bias), out, lse, scores,
+                                             static_cast<scalar_t>(scale), H, gq, gv, gbias);
     });
   } else if (B * H * Nq * Nk > 0) {
     // The kernel overwrites dq and dk by products with alpha = scale and beta = 0; some BLAS
     // back ends (oneDNN with ACL on aarch64) return early on alpha = 0 without writing.
     if (scale == 0.0) gq.zero_(), gk.zero_();
     AT_DISPATCH_FLOATING_TYPES(dtype, "dense_graph_attention_backward_cpu", [&] {
-      dense_backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, scores, scale, H, gq, gk, gv, gbias);
+      dense_backward_kernel<scalar_t>(dout, q, k, v, BiasRows<scalar_t>(bias), out, lse, scores,
+                                      static_cast<scalar_t>(scale), H, gq, gk, gv, gbias);
     });
     if (shared_qk) gq.add_(gk);
   } else {

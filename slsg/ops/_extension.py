@@ -92,6 +92,7 @@ class BackendInfo:
     reason: str | None = None  # why the extension is not in use
     cpu_gemm: str | None = None  # matrix product of the CPU kernels: "avx2" (ours) or "blas"
     cpu_screen: str | None = None  # sphere_distance's float32 screen: "bf16" (AVX-512 BF16) or "off"
+    cpu_blas: str | None = None  # how the CPU attention kernels call the BLAS: "direct" or "aten"
 
     def __str__(self) -> str:
         if self.name == "extension":
@@ -105,5 +106,9 @@ def backend() -> BackendInfo:
         return BackendInfo("reference", (), _LOAD_ERROR)
     devices = tuple(d for d in ("cpu", "cuda") if all(has_kernel(op, d) for op in OPS))
     return BackendInfo(
-        "extension", devices, cpu_gemm=str(torch.ops.slsg.cpu_gemm()), cpu_screen=str(torch.ops.slsg.cpu_screen())
+        "extension",
+        devices,
+        cpu_gemm=str(torch.ops.slsg.cpu_gemm()),
+        cpu_screen=str(torch.ops.slsg.cpu_screen()),
+        cpu_blas=str(torch.ops.slsg.cpu_blas()),
     )
