@@ -43,10 +43,9 @@ inline bool direct() {
 
 // op(A) is [m, k], op(B) is [k, n], C is [m, n]; each matrix row-major with leading
 // dimension ld (its row stride as stored, before op). beta == 0 ignores C's old contents.
-// Our strided kernel (gemm.h) takes the float products with B untransposed and beta 0 or
-// 1: all of A . B, and A^T . B up to this many columns (above it MKL was faster: 95 against
-// 90 GFLOP/s at n = 256; at n = 32-128: 56-88 against 91-106).
-constexpr int64_t kStridedMaxColsT = 128;
+// Our strided kernel (gemm.h) takes the float products with beta 0 or 1, except A^T . B^T
+// and A . B^T of depth below this (there MKL was faster: 92 against 89 GFLOP/s at k = 32).
+constexpr int64_t kStridedMinDepthNT = 64;
 
 template <typename T>
 void gemm(Op opa, Op opb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
@@ -54,11 +53,14 @@ void gemm(Op opa, Op opb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
   if (m == 0 || n == 0) return;
 #if SLSG_GEMM_AVX2
   if constexpr (std::is_same_v<T, float>) {
-    if (gemm::available() && opb == Op::N && (beta == 0 || beta == 1) && (opa == Op::N || n <= kStridedMaxColsT)) {
-      if (opa == Op::N) {
-        gemm::nn_strided<false>(m, n, k, alpha, a, lda, b, ldb, beta == 1, c, ldc);
+    const bool nt = opa == Op::N && opb == Op::T;
+    if (gemm::available() && (beta == 0 || beta == 1) && (opb == Op::N || (nt && k >= kStridedMinDepthNT))) {
+      if (nt) {
+        gemm::strided_product<false, true>(m, n, k, alpha, a, lda, b, ldb, beta == 1, c, ldc);
+      } else if (opa == Op::N) {
+        gemm::strided_product<false, false>(m, n, k, alpha, a, lda, b, ldb, beta == 1, c, ldc);
       } else {
-        gemm::nn_strided<true>(m, n, k, alpha, a, lda, b, ldb, beta == 1, c, ldc);
+        gemm::strided_product<true, false>(m, n, k, alpha, a, lda, b, ldb, beta == 1, c, ldc);
       }
       return;
     }

@@ -182,30 +182,39 @@ __attribute__((target("avx2,fma"))) inline void micro_kernel(int64_t kc, const f
   strided_micro_kernel<true>(kc, a, kMR, b, kNR, c, ldc, 1.0f, accumulate, rows, cols);
 }
 
-// C[m, n] = alpha * op(A) . B (+ C with `accumulate`), all row-major: B is [k, n] (ldb),
-// op(A) is A [m, k] (lda) or, with ATrans, A^T for A [k, m]. Nothing is packed but a ragged
-// last block of columns of B or of rows of A^T (into thread-local scratch).
+// C[m, n] = alpha * op(A) . op(B) (+ C with `accumulate`), all row-major, with op(A) [m, k]
+// and op(B) [k, n]: A is [m, k] (lda) or, with ATrans, [k, m]; B is [k, n] (ldb) or, with
+// BTrans, [n, k]. A is read in place; B goes through a [k, 16] sliver of thread-local
+// scratch per 16 columns (a transposing pack with BTrans, a copy of its rows with ATrans)
+// or, for A . B, is read in place too.
 //
 // Why: in the attention tiles one operand is a [256, 512] score tile and the other is as
 // narrow as a head (32-256 columns). MKL packs the large tile on every call, which cost it
-// up to half its time (A^T . B at n = 32: 56 GFLOP/s, single thread, where this reads the
-// tile in place at 106; A . B: 94-102 against 110-115; scratch measurements, 2026-11-30).
-// Every step reads B's row p once per 16 columns and the matching six values of A, which
-// for both layouts stream from L1 or L2. Requires available().
-template <bool ATrans>
-__attribute__((target("avx2,fma"))) inline void nn_strided(int64_t m, int64_t n, int64_t k, float alpha,
-                                                           const float* a, int64_t lda, const float* b,
-                                                           int64_t ldb, bool accumulate, float* c, int64_t ldc) {
-  thread_local std::vector<float> b_pad, a_pad;
+// up to 40% of its time. Single thread, [256, 512] tiles, 2026-11-30 (scratch
+// measurements, MKL against this): A . B 94-102 against 109-113 GFLOP/s; A^T . B at n = 32,
+// 256: 57, 97 against 105, 106; A . B^T at k = 64-256: 97-103 against 102-109, and at k = 32
+// 92 against 89 (callers keep MKL there). The sliver copy for A^T . B keeps B's rows out of
+// the L1 sets that A^T's column reads (a row stride of 2 KiB) crowd: 88-97 without it.
+// Requires available().
+template <bool ATrans, bool BTrans>
+__attribute__((target("avx2,fma"))) inline void strided_product(int64_t m, int64_t n, int64_t k, float alpha,
+                                                                const float* a, int64_t lda, const float* b,
+                                                                int64_t ldb, bool accumulate, float* c,
+                                                                int64_t ldc) {
+  thread_local std::vector<float> b_sliver, a_pad;
   for (int64_t j0 = 0; j0 < n; j0 += kNR) {
     const int64_t cols = std::min(kNR, n - j0);
     const float* bj = b + j0;
     int64_t ldbj = ldb;
-    if (cols < kNR) {  // a ragged sliver, zero-padded to 16 columns
-      float* pad = aligned(b_pad, k * kNR);
+    if (BTrans) {  // B^T's columns j0.. are B's rows: transpose them into the sliver
+      float* sliver = aligned(b_sliver, k * kNR);
+      pack(b + j0 * ldb, ldb, cols, 0, k, kNR, sliver);
+      bj = sliver, ldbj = kNR;
+    } else if (ATrans || cols < kNR) {  // copied, zero-padded to 16 columns when ragged
+      float* sliver = aligned(b_sliver, k * kNR);
       for (int64_t p = 0; p < k; ++p)
-        for (int64_t j = 0; j < kNR; ++j) pad[p * kNR + j] = j < cols ? b[p * ldb + j0 + j] : 0.0f;
-      bj = pad, ldbj = kNR;
+        for (int64_t j = 0; j < kNR; ++j) sliver[p * kNR + j] = j < cols ? b[p * ldb + j0 + j] : 0.0f;
+      bj = sliver, ldbj = kNR;
     }
     for (int64_t i0 = 0; i0 < m; i0 += kMR) {
       const int64_t rows = std::min(kMR, m - i0);

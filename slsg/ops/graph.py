@@ -205,9 +205,8 @@ def dense_graph_attention(
     ``out_i = sum_j softmax_j(scale * q_i . k_j + bias[h, i, j]) v_j`` for
     ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]`` and an optional additive
     ``bias [H, Nq, Nk]`` (shared by the batch). ``scale`` defaults to 1/sqrt(D). The kernels
-    work in tiles; the only ``Nq x Nk`` buffers are the CPU's copies of the scores kept for
-    the backward, for as many (batch, head) pairs as fit in ``KEPT_SCORES_MAX_BYTES``
-    (32 MiB). Returns
+    work in tiles and hold no ``Nq x Nk`` buffer (unless ``KEPT_SCORES_MAX_BYTES`` is
+    raised: an opt-in CPU copy of the scores for the backward). Returns
     ``[B, H, Nq, Dv]``; differentiable in q, k, v and bias. Passing one tensor as q and k
     (shared projections, as in the graph layer) makes the CPU backward cheaper: it forms
     that tensor's whole gradient with one matrix product fewer per tile (head sizes >= 32).
@@ -241,15 +240,16 @@ def dense_graph_attention(
     return graph_reference.dense_graph_attention(q, k, v, bias, scale)
 
 
-# The CPU forward may keep the pre-softmax scores [Nq, Nk] of (batch, head) pairs for the
-# backward, which then skips one of its five matrix products per tile for them. In one buffer
-# below glibc's largest mmap threshold (32 MiB): a smaller buffer is served from the heap once
-# the process runs in a loop, a larger one is mapped and faulted in afresh on every step,
-# which cost more than the product saved at D = 16-128 (B = 8, N = 1024: 0.84x-0.97x;
-# 2 MiB-16 MiB buffers: 1.02x-1.14x faster, benchmarks/RESULTS.md). So the first pairs that
-# fit are kept and the rest recompute their scores tile by tile; memory stays bounded. The
-# CUDA kernels always recompute (their tiles live in registers and shared memory).
-KEPT_SCORES_MAX_BYTES = 32 << 20
+# The CPU forward can keep the pre-softmax scores [Nq, Nk] of (batch, head) pairs for the
+# backward, which then skips one of its five matrix products per tile for them: the first
+# pairs whose scores fit in KEPT_SCORES_MAX_BYTES (one buffer; keep it under glibc's largest
+# mmap threshold, 32 MiB, or it is mapped and faulted in afresh on every step). Off by
+# default since 2026-11-30: with the products of blas.h it saved 6-11% of the op's time at
+# 1 head of 256 and nothing at 8 heads of 32 or in the graph layer (B = 8, N = 1024), and
+# its 28 MiB put the op's peak memory above SDPA's fused kernel (62 against 36 MiB; 34
+# without it; benchmarks/RESULTS.md). Raise it to trade memory for that time. The CUDA
+# kernels always recompute (their tiles live in registers and shared memory).
+KEPT_SCORES_MAX_BYTES = 0
 
 
 def _kept_dense_slices(q, k, v, bias) -> int:

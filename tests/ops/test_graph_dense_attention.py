@@ -370,14 +370,16 @@ def test_scores_are_kept_only_when_a_gradient_is_needed_and_as_far_as_they_fit(m
     monkeypatch.setattr(torch.ops.slsg, "dense_graph_attention", Spy())
     q, k, v, bias = make_inputs(2, 2, 9, 7, 4, 3, generator(9), dtype=torch.float32)
     ops.dense_graph_attention(q, k, v, bias)  # no input needs a gradient
-    ops.dense_graph_attention(q, k, v.requires_grad_(), bias)
+    ops.dense_graph_attention(q, k, v.requires_grad_(), bias)  # the default keeps none
+    monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 1 << 20)
+    ops.dense_graph_attention(q, k, v, bias)
     with torch.no_grad():
         ops.dense_graph_attention(q, k, v, bias)
     monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 2 * 2 * 9 * 7 * 4)  # kept: strictly smaller
     ops.dense_graph_attention(q, k, v, bias)
     monkeypatch.setattr(graph_ops, "KEPT_SCORES_MAX_BYTES", 9 * 7 * 4)
     ops.dense_graph_attention(q, k, v, bias)
-    assert calls == [0, 4, 0, 3, 0]
+    assert calls == [0, 0, 4, 0, 3, 0]
 
 
 @needs_extension
