@@ -374,6 +374,31 @@ inline void screen_row(float* approx, const ScreenRow& q, const CenterScreen& c,
   }
 }
 
+// Whether a block of rows should stop screening and go to the exact GEMM: the margins are
+// too wide for these data (clusters far apart, relative to the spread inside them). Past a
+// third of such rows the screen costs more than it saves (the bfloat16 products cost about
+// half the exact ones, a row in full exact one). Rows count when they overflowed or, at
+// checkpoints from 1/32 of the centres on, when their live candidates (pruned against the
+// row's current bound: the first blocks' bound is loose) scaled to all K centres exceed the
+// cap. Before, with overflows alone and half the rows, 4 clusters 3-100 standard normals
+// apart took 1.12x-1.23x the exact kernel's time: rows trickled into overflow over the first
+// 8-66% of the centres, after much of the screen's work. Now 1.05x-1.07x (2026-11-30,
+// benchmarks/RESULTS.md). Only speed depends on this: every path is exact.
+inline bool block_defeats_screen(Candidates* cands, const float* upper, int64_t k, int64_t mb, int64_t overflowed,
+                                 int64_t seen, int64_t K, int64_t cap) {
+  if (3 * overflowed > mb) return true;
+  // Checkpoints: whenever the count seen is a power of two (centre blocks are 256 rows), from
+  // 1/32 of the centres on; pruning costs a pass over the candidates.
+  if (32 * seen < K || (seen & (seen - 1)) != 0) return false;
+  int64_t doomed = 0;
+  for (int64_t i = 0; i < mb; ++i) {
+    Candidates& cand = cands[i];
+    if (!cand.overflow) cand.prune(upper[i * k + k - 1]);
+    doomed += cand.overflow || static_cast<int64_t>(cand.index.size()) * K > cap * seen;
+  }
+  return 3 * doomed > mb;
+}
+
 void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
   const int64_t M = s.x.size(0), K = s.centers.size(0), D = s.x.size(1), k = s.k;
   const ScreenBound bound(D);
@@ -423,7 +448,7 @@ void screened_kernel(const Search<float>& s, const ScreenTerms& t) {
                        cands[i]);
             overflowed += cands[i].overflow;
           }
-          if (2 * overflowed > mb) {  // the margins are too wide for these data: all rows exact
+          if (block_defeats_screen(cands.data(), upper.data(), k, mb, overflowed, k0 + kb, K, cap)) {
             for (int64_t i = 0; i < mb; ++i) cands[i].reset(), cands[i].overflow = true;
             break;
           }
