@@ -79,7 +79,7 @@ def abs_peak(t: torch.Tensor) -> float:
     """max |t| in one aminmax pass (NaN or Inf carry into it); 0 for empty or non-float tensors."""
     if not t.is_floating_point() or t.numel() == 0:
         return 0.0
-    low, high = torch.aminmax(t)
+    low, high = torch.aminmax(t.detach())
     return max(abs(float(low)), abs(float(high)))
 
 
