@@ -51,6 +51,11 @@ template <typename T>
 void gemm(Op opa, Op opb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
           int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (alpha == T(0)) {  // as BLAS: A and B are not read (so 0 * inf gives no NaN)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
 #if SLSG_GEMM_AVX2
   if constexpr (std::is_same_v<T, float>) {
     const bool nt = opa == Op::N && opb == Op::T;

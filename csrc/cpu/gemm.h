@@ -1,13 +1,15 @@
-// Single-threaded float32 C = A . B^T for row-major A [m, d] and B [n, d]: the dot-product
-// blocks of the scoring and kNN kernels.
+// Single-threaded float32 matrix products of the CPU kernels, on one BLIS-style 6 x 16
+// AVX2/FMA micro-kernel: C = A . B^T over packed panels (nt_packed: the dot-product blocks of
+// the scoring and kNN kernels), and A . B, A^T . B, A . B^T on row-major operands read in
+// place (strided_product: the dense attention's tiles, through blas.h).
 //
 // Why our own: those kernels run one small GEMM per thread and per block. MKL, which torch
 // links, re-packs both operands on every call and reaches ~75% of this CPU's FMA peak on
-// such blocks. Here a BLIS-style 6 x 16 AVX2/FMA micro-kernel runs over panels that the
-// caller packs once and reuses (a block of queries against every block of centres, a block
-// of nodes in every tile), and the loop order keeps C in L2. Built with function target
-// attributes, so the library still loads on x86 CPUs without AVX2: callers ask available()
-// and fall back to at::mm there (and for float64).
+// such blocks. The scoring and kNN kernels pack panels once and reuse them (a block of
+// queries against every block of centres, a block of nodes in every tile), and the loop
+// order keeps C in L2. Built with function target attributes, so the library still loads on
+// x86 CPUs without AVX2: callers ask available() and fall back to BLAS there (and for
+// float64).
 #pragma once
 #include <algorithm>
 #include <cstdint>

@@ -31,6 +31,7 @@ SCRIPT = textwrap.dedent(
         torch.testing.assert_close(sim.gather(2, got), sim.gather(2, want), atol=1e-5, rtol=0)
     # Dense attention: every product layout of the tiles (ragged tiles, widths on both sides
     # of the strided kernel's limit for A^T . B), separate and shared q/k, bias gradient.
+    checksum = 0.0
     for n, dk, dv in ((300, 40, 70), (130, 200, 136)):
         q, k, v = (torch.randn(2, 2, n, w, generator=g, requires_grad=True) for w in (dk, dk, dv))
         bias = torch.randn(2, n, n, generator=g, requires_grad=True)
@@ -44,8 +45,14 @@ SCRIPT = textwrap.dedent(
             expected = torch.autograd.grad(want.sum(), leaves)
             for a, b in zip(got, expected):
                 torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+            checksum += out.double().abs().sum().item() + sum(a.double().abs().sum().item() for a in got)
+    # A row whose products overflow, at scale 0: BLAS reads neither operand (no 0 * inf).
+    q = torch.full((1, 1, 4, 64), 1e20)
+    v = torch.randn(1, 1, 4, 8, generator=g)
+    flat = ops.dense_graph_attention(q, q.clone(), v, None, 0.0)
+    torch.testing.assert_close(flat, v.mean(2, keepdim=True).expand_as(flat))
     info = slsg.ops.backend()
-    print("ok", d.sum().item(), info.cpu_gemm, info.cpu_blas)
+    print("ok", d.sum().item(), info.cpu_gemm, info.cpu_blas, checksum)
     """
 )
 
@@ -71,3 +78,4 @@ def test_attention_products_through_aten_match_the_direct_ones():
     aten, direct = run(SLSG_CPU_BLAS="aten", SLSG_CPU_GEMM="blas"), run()
     assert aten[0] == direct[0] == "ok"
     assert aten[3] == "aten" and direct[3] in ("direct", "aten")
+    assert abs(float(aten[4]) - float(direct[4])) <= 1e-5 * abs(float(direct[4]))
