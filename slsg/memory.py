@@ -112,6 +112,7 @@ class MemoryBank:
                              f"|value| up to {float(features.abs().max()):.3g}); rescale them")
         self.backend = backend
         self._faiss_index = None
+        self._faiss_cpu_index = None  # a CPU copy of a GPU index, for k beyond GPU faiss's limit
         self._origin = _search_origin(self.features)
         # What the exact backends search: the features relative to the origin (a shift leaves
         # every distance unchanged). A second copy only for offset-dominated banks.
@@ -300,6 +301,12 @@ class MemoryBank:
     # -- faiss ---------------------------------------------------------------------------
     def _faiss_search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = self._get_faiss_index()
+        if k > _FAISS_GPU_MAX_K and _is_faiss_gpu(index):
+            # GPU faiss selects at most 2,048 neighbours, and the exact search's re-checks ask
+            # for 4 (k + 8): a CPU copy of the index answers those (same vectors, same results).
+            if self._faiss_cpu_index is None:
+                self._faiss_cpu_index = _faiss_index_to_cpu(index)
+            index = self._faiss_cpu_index
         dist, idx = index.search(np.ascontiguousarray(x.cpu().numpy()), k)
         missing = int((idx < 0).any(axis=1).sum())
         if missing:  # IVF: the probed cells held fewer than k vectors (index -1 would pass as the last row)
@@ -471,6 +478,19 @@ def _pq_subquantizers(dim: int) -> int:
     """About 8 dimensions per sub-quantiser, as a divisor of D."""
     target = max(1, dim // 8)
     return max(m for m in range(1, target + 1) if dim % m == 0)
+
+
+# GPU faiss's largest k (GPU_MAX_SELECTION_K in faiss/gpu/utils/DeviceDefs.cuh).
+_FAISS_GPU_MAX_K = 2048
+
+
+def _is_faiss_gpu(index) -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "GpuIndex") and isinstance(index, faiss.GpuIndex)
+
+
+def _faiss_index_to_cpu(index):
+    return _faiss().index_gpu_to_cpu(index)
 
 
 def _to_faiss_gpu(index):

@@ -330,3 +330,36 @@ def test_queries_beyond_every_candidate_list_are_compared_with_every_row(monkeyp
     assert calls == [20]
     assert torch.equal(idx, truth.indices[:, :3])
     torch.testing.assert_close(dist.double(), truth.values[:, :3], rtol=1e-6, atol=1e-9)
+
+
+class _LimitedIndex:
+    """Stands in for a GPU faiss index: answers like the CPU index it wraps, but refuses k
+    beyond a limit, as GPU faiss refuses k > 2048."""
+
+    def __init__(self, index, limit):
+        self.index, self.limit, self.largest_k = index, limit, 0
+
+    def search(self, x, k):
+        if k > self.limit:
+            raise RuntimeError(f"k={k} exceeds the GPU limit {self.limit}")
+        self.largest_k = max(self.largest_k, k)
+        return self.index.search(x, k)
+
+
+def test_faiss_searches_beyond_the_gpu_k_limit_go_to_a_cpu_copy(monkeypatch):
+    # Duplicated rows make near ties, so the exact search asks faiss for 4 (k + 8) rows.
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 16, generator=g)
+    features, queries = torch.cat([base, base, base]), base[:40] + 1e-4 * torch.randn(40, 16, generator=g)
+    bank = MemoryBank(features, backend="faiss")
+    cpu_index = bank._get_faiss_index()
+    gpu_like = _LimitedIndex(cpu_index, limit=10)
+    bank._faiss_index = gpu_like
+    monkeypatch.setattr(memory_module, "_FAISS_GPU_MAX_K", 10)
+    monkeypatch.setattr(memory_module, "_is_faiss_gpu", lambda index: index is gpu_like)
+    monkeypatch.setattr(memory_module, "_faiss_index_to_cpu", lambda index: index.index)
+    dist, idx = bank.search(queries, k=5)
+    want_dist, want_idx = bank.search(queries, k=5, backend="kernel")
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(dist, want_dist)
+    assert gpu_like.largest_k <= 10 and bank._faiss_cpu_index is cpu_index
