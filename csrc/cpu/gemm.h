@@ -265,7 +265,6 @@ __attribute__((target("avx2,fma"))) inline void pair_dots(const float* const* a,
 
 #endif  // SLSG_GEMM_AVX2
 
-
 inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // Floats taken by pack_panel(rows, d, width).
