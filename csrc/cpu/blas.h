@@ -22,6 +22,9 @@
 
 #include "gemm.h"  // gemm::env_is
 
+// Weak undefined symbols behave this way on ELF (Linux); elsewhere the ATen path is used.
+#if defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#define SLSG_BLAS_DIRECT 1
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
@@ -30,6 +33,9 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
 }
+#else
+#define SLSG_BLAS_DIRECT 0
+#endif
 
 namespace slsg {
 namespace blas {
@@ -38,8 +44,12 @@ enum class Op { N, T };  // op(X) = X or X^T
 
 // Whether products go straight to the BLAS symbols (checked once).
 inline bool direct() {
+#if SLSG_BLAS_DIRECT
   static const bool ok = sgemm_ != nullptr && dgemm_ != nullptr && !gemm::env_is("SLSG_CPU_BLAS", "aten");
   return ok;
+#else
+  return false;
+#endif
 }
 
 // Our strided kernel (gemm.h) takes the float products with beta 0 or 1, except A^T . B^T
@@ -72,6 +82,7 @@ void gemm(Op opa, Op opb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
     }
   }
 #endif
+#if SLSG_BLAS_DIRECT
   const bool fits = std::max({m, n, k, lda, ldb, ldc}) <= INT_MAX;
   if (direct() && fits && k > 0) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
@@ -86,6 +97,7 @@ void gemm(Op opa, Op opb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, 
     }
     return;
   }
+#endif
   const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   const auto view = [&](const T* p, Op op, int64_t rows, int64_t cols, int64_t ld) {
     // op(X) is [rows, cols]; X is stored [rows, cols] (N) or [cols, rows] (T).
