@@ -404,10 +404,11 @@ T exp_shifted_sum(const T* in, const T* b, T* out, int64_t n, T shift) {
 constexpr int64_t kQueryTile = 256;
 constexpr int64_t kKeyTile = 512;
 constexpr int64_t kQueryTileB = 256;
-// Short sequences take half-height tiles: two per-thread [rows, 512] buffers are much of the
-// backward's own memory there (N = 256, 1 head: 0.6 MiB, which put its peak above SDPA's
-// fused kernel's).
-constexpr int64_t kShortQueryTileB = 128, kShortSequence = 768;
+// Short sequences take quarter-height tiles: two per-thread [rows, 512] buffers are much of
+// the backward's own memory there. N = 256, 1 head: with 256 rows its peak was 8.7-9.0 MiB
+// against SDPA's fused kernel's 8.0-8.2; with 128 rows 8.3-9.0 against 8.1-8.5; with 64 rows
+// 8.1-8.3 against 8.3, at the same speed in paired rounds (2026-11-30).
+constexpr int64_t kShortQueryTileB = 64, kShortSequence = 768;
 constexpr int64_t kKeyTileB = 512;
 
 // at::parallel_for(begin, end, 1, f) whose pool threads run in the caller's inference mode
