@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "gemm.h"  // gemm::env_is
+#include "gemm.h"  // the strided kernel, available(), env_is
 
 // Weak undefined symbols behave this way on ELF (Linux); elsewhere the ATen path is used.
 #if defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))

@@ -46,7 +46,7 @@ inline float* aligned(std::vector<float>& v, int64_t n) {
 }
 
 // Whether this CPU runs the AVX2/FMA kernel (checked once). SLSG_CPU_GEMM=blas in the
-// environment forces the at::mm fallback (how the tests cover it on AVX2 machines).
+// environment forces the BLAS fallback (how the tests cover it on AVX2 machines).
 inline bool available() {
 #if SLSG_GEMM_AVX2
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
