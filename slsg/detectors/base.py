@@ -10,6 +10,7 @@ removed after the new JSON is in place.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -263,16 +264,26 @@ class Detector(ABC):
         except ModelError:
             previous = None  # unreadable: overwrite it, but remove nothing it names
         token = secrets.token_hex(4)
-        files = self._save_weights(directory, token)
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "kind": self.kind,
-            "config": config_to_dict(self.config),
-            "image_threshold": self.image_threshold,
-            "fit_info": self.fit_info,
-            "files": files,
-        }
-        atomic_write_text(directory / DETECTOR_FILE, json.dumps(meta, indent=2) + "\n")
+        present = {p.name for p in directory.iterdir()}
+        try:
+            files = self._save_weights(directory, token)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "kind": self.kind,
+                "config": config_to_dict(self.config),
+                "image_threshold": self.image_threshold,
+                "fit_info": self.fit_info,
+                "files": files,
+            }
+            atomic_write_text(directory / DETECTOR_FILE, json.dumps(meta, indent=2) + "\n")
+        except BaseException:
+            # The previous model stays as it was; the new weight files written before the failure
+            # (named with this save's token) would otherwise stay behind, named by no model.
+            for path in directory.iterdir():
+                if path.name not in present and token in path.name:
+                    with contextlib.suppress(OSError):  # the save's own error is the one to report
+                        _remove(path)
+            raise
         if previous:
             for name in set(previous["files"].values()) - set(files.values()):
                 _remove(directory / name)  # plain names inside `directory` only (_read_meta checks)

@@ -191,6 +191,17 @@ class MemoryBankDetector(Detector):
 
     # ------------------------------------------------------------------ fit
     def fit(self, dataset: Dataset) -> "MemoryBankDetector":
+        # _fit sets the model's state step by step (the input scale first: resizing needs it), so
+        # a fit that fails partway would leave a mix of old and new state that predicts wrongly
+        # and saves as an unloadable model: put the previous state back instead.
+        previous = (self.fit_info, self.bank, self.image_threshold, self.edge_levels)
+        try:
+            return self._fit(dataset)
+        except BaseException:
+            self.fit_info, self.bank, self.image_threshold, self.edge_levels = previous
+            raise
+
+    def _fit(self, dataset: Dataset) -> "MemoryBankDetector":
         cfg = self.config
         start = time.perf_counter()
         n = len(dataset)
@@ -454,21 +465,23 @@ class MemoryBankDetector(Detector):
 
 
 def _class_maxima(dist: torch.Tensor, band: int) -> torch.Tensor:
-    """Flat indices of the cells of ``dist`` [h, w] where each edge class (the whole grid when
-    ``band`` is 0) first reaches its maximum, in the order argmax scans: dividing by per-class
-    levels then moves the argmax of the map only among these cells (up to float32 rounding of
-    the division, which can tie two distances a few ulps apart)."""
+    """Flat indices of the cells of ``dist`` [h, w] where the argmax of the map can lie once each
+    edge class (the whole grid when ``band`` is 0) is divided by its level: per class, the first
+    cell at its maximum, and every cell within a few ulps below it (the correctly rounded division
+    keeps the order of two distances but can tie them, and argmax takes the earlier of a tie)."""
     flat = dist.reshape(-1)
-    if band == 0:
-        return flat.argmax().reshape(1)
-    classes = edge_classes(*dist.shape, band, device=dist.device).reshape(-1)
+    classes = (edge_classes(*dist.shape, band, device=dist.device).reshape(-1) if band > 0
+               else torch.zeros_like(flat, dtype=torch.long))
     n_classes = (2 * band + 1) ** 2
-    class_max = flat.new_full((n_classes,), -math.inf).scatter_reduce(0, classes, flat, "amax")
-    at_max = flat == class_max[classes]
+    class_max = flat.new_full((n_classes,), -math.inf).scatter_reduce(0, classes, flat, "amax")[classes]
+    at_max = flat == class_max
     index = torch.arange(flat.numel(), device=dist.device)
     first = torch.full((n_classes,), flat.numel(), device=dist.device).scatter_reduce(
         0, classes[at_max], index[at_max], "amin")
-    return first[first < flat.numel()]
+    # Within 2**-20 relative (8 float32 ulps) below it. An exact tie at the maximum stays a tie
+    # and argmax takes `first`.
+    near = (flat < class_max) & (flat >= class_max * (1 - 2.0 ** -20))
+    return torch.cat([first[first < flat.numel()], index[near]]).unique()
 
 
 def _collate_images(items: list[Any]) -> torch.Tensor | list[torch.Tensor]:

@@ -293,3 +293,20 @@ def test_class_maxima_hold_the_argmax_under_any_levels():
             worst = int((dist.reshape(-1) / levels[classes]).argmax())
             assert worst in rows.tolist()
         assert _class_maxima(dist, 0).tolist() == [int(dist.reshape(-1).argmax())]
+    # Near ties: distances one float32 ulp apart can divide to the same value, and argmax then
+    # takes the earlier cell even where it held the smaller distance.
+    for _ in range(200):
+        h, w, band = 6, 7, 1
+        dist = torch.full((h, w), 20.0) + torch.rand(h, w, generator=g)
+        classes = edge_classes(h, w, band).reshape(-1)
+        flat = dist.reshape(-1)
+        for c in classes.unique():  # each class: its maximum, and an earlier cell one ulp below
+            cells = (classes == c).nonzero()[:, 0]
+            if len(cells) > 1:
+                top = flat[cells].max()
+                flat[cells[-1]] = top + 1
+                flat[cells[0]] = torch.nextafter(top + 1, torch.tensor(0.0))
+        rows = _class_maxima(dist, band).tolist()
+        levels = torch.rand((2 * band + 1) ** 2, generator=g) + 0.5
+        worst = int(divide_by_edge_levels(dist[None], levels)[0].reshape(-1).argmax())
+        assert worst in rows

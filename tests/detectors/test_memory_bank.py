@@ -134,6 +134,59 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert MemoryBankDetector.load(tmp_path / "run").fit_info == fitted.fit_info
 
 
+class FailingDataset(ListDataset):
+    def __init__(self, images, bad: int):
+        super().__init__(images)
+        self.bad = bad
+
+    def original_size(self, i):  # from the file's header, as the real datasets do: readable
+        return tuple(self.images[i].shape[-2:])
+
+    def __getitem__(self, i):
+        if i == self.bad:
+            raise OSError(f"cannot read img{i}.png")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("step", ["features", "calibration"])
+def test_failed_refit_keeps_the_previous_model(fitted, tmp_path, step):
+    import copy
+    detector = copy.copy(fitted)
+    # the same seed and image count hold out the same images: fail on one of the bank's or on one
+    # of the held-out images (read after the bank is built)
+    held_out = detector.fit_info["calibration_indices"]
+    bad = held_out[0] if step == "calibration" else min(set(range(10)) - set(held_out))
+    images = torch.stack([normal_image(200), with_defect(normal_image(201))[0]])
+    scores, maps = detector.predict(images)
+    state = (copy.deepcopy(detector.fit_info), detector.bank, detector.image_threshold, detector.edge_levels)
+    # other images (a larger size, so another input scale) of which one cannot be read
+    others = FailingDataset([F.interpolate(normal_image(300 + i)[None], size=2 * SIZE)[0] for i in range(10)], bad)
+    with pytest.raises(OSError, match=f"img{bad}.png"):
+        detector.fit(others)
+    assert detector.fit_info == state[0] and detector.bank is state[1]
+    assert detector.image_threshold == state[2] and detector.edge_levels is state[3]
+    s2, m2 = detector.predict(images)
+    torch.testing.assert_close(s2, scores)
+    torch.testing.assert_close(m2, maps)
+    loaded = load_detector(detector.save(tmp_path / "model"))
+    torch.testing.assert_close(loaded.predict(images)[0], scores)
+
+
+def test_failed_save_keeps_the_previous_model_and_leaves_no_files(fitted, tmp_path, monkeypatch):
+    model = fitted.save(tmp_path / "model")
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    # the bank is written after the backbone: the new backbone file is already there
+    monkeypatch.setattr(type(fitted.bank), "save", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        fitted.save(model)
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert load_detector(model).image_threshold == fitted.image_threshold
+
+
 def test_load_errors_name_the_problem(fitted, tmp_path):
     with pytest.raises(ModelError, match="nowhere"):
         load_detector(tmp_path / "nowhere")
