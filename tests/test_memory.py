@@ -53,12 +53,20 @@ def test_ivfpq_recall_and_roundtrip(tmp_path):
     features = centers.repeat_interleave(400, 0) + torch.randn(20000, 32, generator=g)
     queries = centers.repeat_interleave(4, 0) + torch.randn(200, 32, generator=g)
     bank = MemoryBank(features, index=IndexConfig(kind="ivfpq", nprobe=16))
-    _, idx = bank.search(queries, k=1)
-    _, exact = MemoryBank(features).search(queries, k=1)
+    dist, idx = bank.search(queries, k=5)
+    exact_dist, exact = MemoryBank(features).search(queries, k=5)
     same_cluster = (idx // 400 == exact // 400).float().mean()
     assert same_cluster > 0.95
+    # The PQ codes' candidates are ranked by exact distances (refine): the returned distances are
+    # the true ones of the returned rows, ascending, and the nearest row is mostly found.
+    torch.testing.assert_close(dist, (queries[:, None] - features[idx]).square().sum(-1), rtol=1e-5, atol=1e-4)
+    assert (dist.diff(dim=1) >= 0).all()
+    recall = (idx[:, 0] == exact[:, 0]).float().mean()
+    unrefined_dist, unrefined = MemoryBank(features, index=IndexConfig(kind="ivfpq", nprobe=16, refine=0)).search(queries, k=5)
+    assert recall > 0.9 and recall > (unrefined[:, 0] == exact[:, 0]).float().mean() + 0.3
     loaded = MemoryBank.load(bank.save(tmp_path / "ivf.npz"))
-    assert torch.equal(loaded.search(queries, k=1)[1], idx)
+    assert loaded.index_config == bank.index_config
+    assert torch.equal(loaded.search(queries, k=5)[1], idx)
     with pytest.raises(ValueError, match="searched with backend 'faiss'"):
         bank.search(queries, backend="kernel")
 
@@ -119,8 +127,17 @@ def test_ivfpq_needs_enough_features_and_reports_short_results():
         MemoryBank(torch.randn(10, 16, generator=g), index="ivfpq")
     bank = MemoryBank(torch.randn(4000, 16, generator=g), index=IndexConfig("ivfpq", nprobe=1))
     # One probed cell holds far fewer than 1000 vectors: faiss pads with index -1.
+    queries = torch.randn(5, 16, generator=g)
     with pytest.raises(ValueError, match="fewer than k=1000 neighbours"):
-        bank.search(torch.randn(5, 16, generator=g), 1000)
+        bank.search(queries, 1000)
+    # refine * k candidates may exceed the cell: the k found are enough, the padding never returned
+    index = bank._get_faiss_index()
+    cell = min(int((index.search(q[None].numpy(), 4000)[1] >= 0).sum()) for q in queries)  # smallest probed cell
+    k = cell // 2
+    assert 8 * k > cell
+    dist, idx = bank.search(queries, k)
+    assert (idx >= 0).all() and torch.isfinite(dist).all()
+    assert all(len(set(row.tolist())) == k for row in idx)
 
 
 @pytest.mark.parametrize("backend", ["kernel", "faiss", "torch"])
@@ -151,6 +168,47 @@ def test_broken_files_name_the_file(tmp_path, data):
             np.save(z.open("meta.npy", "w"), np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         with pytest.raises(ValueError, match="tampered.npz is not a valid memory bank"):
             MemoryBank.load(tmp_path / "tampered.npz")
+
+
+def test_index_kind_must_match_the_stored_index(tmp_path):
+    import json
+    import zipfile
+
+    g = torch.Generator().manual_seed(5)
+    features = torch.randn(2000, 16, generator=g)
+    ivf = MemoryBank(features, index=IndexConfig("ivfpq", nprobe=4)).save(tmp_path / "ivf.npz")
+    flat = MemoryBank(features).save(tmp_path / "flat.npz")
+
+    def repack(source, name, kind=None, index_from=None, features_dtype=None, index_dtype=None):
+        with np.load(source) as original:
+            arrays = {key: original[key] for key in original.files}
+        if kind is not None:
+            meta = json.loads(bytes(arrays["meta"]).decode())
+            meta["index"]["kind"] = kind
+            arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        if index_from is not None:
+            with np.load(index_from) as other:
+                arrays["faiss_index"] = other["faiss_index"]
+        if features_dtype is not None:
+            arrays["features"] = arrays["features"].astype(features_dtype)
+        if index_dtype is not None:
+            arrays["faiss_index"] = arrays["faiss_index"].astype(index_dtype)
+        with zipfile.ZipFile(tmp_path / name, "w") as z:  # np.savez's layout
+            for key, value in arrays.items():
+                np.save(z.open(f"{key}.npy", "w"), value)
+        return tmp_path / name
+
+    # An IVF-PQ bank without its trained index was quietly trained again; an exact bank
+    # carrying an IVF-PQ index was searched through it as if exact.
+    with pytest.raises(ValueError, match="index kind is 'ivfpq' but it holds no trained faiss index"):
+        MemoryBank.load(repack(flat, "no_index.npz", kind="ivfpq"))
+    with pytest.raises(ValueError, match="index kind is 'flat' but it holds a trained faiss index"):
+        MemoryBank.load(repack(flat, "extra_index.npz", index_from=ivf))
+    with pytest.raises(ValueError, match="int64_features.npz is not a valid memory bank"):
+        MemoryBank.load(repack(flat, "int64_features.npz", features_dtype=np.int64))
+    with pytest.raises(ValueError, match="int64_index.npz is not a valid memory bank"):  # faiss asserted
+        MemoryBank.load(repack(ivf, "int64_index.npz", index_dtype=np.int64))
+    assert len(MemoryBank.load(repack(ivf, "same.npz"))) == 2000  # the repacking itself is sound
 
 
 def test_search_is_exact_when_features_share_a_large_offset():
