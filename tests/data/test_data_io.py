@@ -66,6 +66,58 @@ def test_float_image(tmp_path):
     np.testing.assert_array_equal(rgb[0, :, 1], [0, 128, 255])
 
 
+@pytest.mark.parametrize("values,match", [
+    (np.array([[0.0, 30000.0, 65535.0]]), r"float image's values must lie in \[0, 1\] or \[0, 255\], these span \[0, 65535\]"),
+    (np.array([[-1.0, 0.0, 1.0]]), r"span \[-1, 1\]"),
+    (np.array([[0.0, np.nan, 1.0]]), "NaN or infinite"),
+])
+def test_float_image_outside_an_intensity_range_is_an_error(tmp_path, values, match):
+    # Clipped, a height map in millimetres became all white and one NaN made an image near black.
+    path = _save(tmp_path, "f.tif", Image.fromarray(values.astype(np.float32), mode="F"))
+    with pytest.raises(DataError, match=f"f.tif .*{match}"):
+        load_image(path)
+    assert np.asarray(load_image(_save(tmp_path, "ok.tif", Image.fromarray(
+        np.array([[0.0, 127.5, 255.0]], dtype=np.float32), mode="F"))))[0, :, 0].tolist() == [0, 128, 255]
+
+
+@pytest.mark.parametrize("values,match", [(np.array([[-1000, 0, 1000]]), "negative values"),
+                                          (np.array([[0, 1, 1_000_000]]), "exceeds the 16-bit range")])
+def test_thirty_two_bit_integer_image_outside_sixteen_bits_is_an_error(tmp_path, values, match):
+    path = _save(tmp_path, "i.tif", Image.fromarray(values.astype(np.int32), mode="I"))
+    with pytest.raises(DataError, match=f"i.tif .*{match}"):
+        load_image(path)
+
+
+def test_exif_orientation_is_applied_to_pixels_and_header_size(tmp_path):
+    from slsg.data.io import image_size_of
+
+    array = np.zeros((20, 30, 3), dtype=np.uint8)  # 30 wide, 20 high as stored
+    array[:5, :5] = 255  # a marked top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: shown rotated 90 degrees clockwise
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(array).save(path, exif=exif, quality=100)
+    image = np.asarray(load_image(path))
+    assert image.shape == (30, 20, 3) and image_size_of(path) == (30, 20)
+    assert image[:5, -5:].mean() > 200 and image[-5:, :5].mean() < 50  # the corner is now top-right
+    plain = _save(tmp_path, "plain.jpg", Image.fromarray(array))
+    assert np.asarray(load_image(plain)).shape == (20, 30, 3) and image_size_of(plain) == (20, 30)
+
+
+def test_empty_file_says_so_and_large_images_are_not_refused(tmp_path, monkeypatch):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DataError, match="empty.png: the file is empty"):
+        load_image(tmp_path / "empty.png")
+    # PIL refuses images over twice its MAX_IMAGE_PIXELS as decompression bombs (179 megapixels by
+    # default: line-scan camera images reach that); a small limit stands in for a large image.
+    from slsg.data.io import image_size_of
+
+    path = _save(tmp_path, "big.png", Image.new("L", (100, 100)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    assert load_image(path).size == (100, 100) and image_size_of(path) == (100, 100)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # the limit is restored afterwards
+
+
 @pytest.mark.parametrize("mode", ["1", "LA", "CMYK"])
 def test_other_modes_become_rgb(tmp_path, mode):
     image = Image.new(mode, (4, 3))
