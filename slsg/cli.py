@@ -9,6 +9,7 @@ import argparse
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,6 +28,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
     return value
 
 
@@ -73,6 +81,11 @@ def _dataset_kwargs(path: Path, args: argparse.Namespace, fitted_with: dict[str,
                   "test_normal_ratio": round(1.0 - split["train_ratio"], 10), "seed": split["split_seed"]}
     if layout != "folder" and (args.abnormal or args.masks):
         raise CliError(f"--abnormal and --masks are for a folder of normal images; {path} is a {layout} dataset")
+    if layout == "folder" and args.masks and not args.abnormal:
+        raise CliError("--masks are the ground truth of the --abnormal images: pass --abnormal too")
+    if layout not in SEEDED_LAYOUTS and (args.train_ratio is not None or args.split_seed is not None):
+        raise CliError(f"--train-ratio and --split-seed split MTD and folder datasets; {path} is a {layout} dataset, "
+                       "which comes split into train and test")
     return layout, kwargs, split
 
 
@@ -107,6 +120,12 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     size = detector.config.image_size
     bit_depth = getattr(detector.config, "bit_depth", None)
     test = open_dataset(data, "test", image_size=detector.dataset_image_size, bit_depth=bit_depth, **kwargs)
+    trained_on = set(detector.fit_info.get("train_files") or ())
+    leaked = [name for name in test.relative_paths() if name in trained_on]
+    if leaked:
+        raise CliError(f"{len(leaked)} of the {len(test)} test images trained this model (e.g. {leaked[0]}): "
+                       f"{data} has changed since the fit, so its seeded split differs; evaluate on the folder as "
+                       "it was at the fit, or fit again")
     ev = evaluate(detector, test, batch_size=args.batch_size, num_workers=args.workers,
                   progress=not args.quiet)
     # Model speed at the model's input size (what benchmarks compare), not counting the
@@ -121,7 +140,8 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
         train_images = fit_info.get("train_images", 0) + fit_info.get("calibration_images", 0)
     dataset = _dataset_description(data, layout, kwargs, test, size, train_images)
     model = {"detector": detector.kind, "config": config_to_dict(detector.config),
-             **{k: v for k, v in fit_info.items() if k not in ("fit_seconds", "calibration_indices", "edge_levels")},
+             **{k: v for k, v in fit_info.items()
+                if k not in ("fit_seconds", "calibration_indices", "edge_levels", "train_files")},
              "threads": torch.get_num_threads()}
     levels = fit_info.get("edge_levels")
     if levels:  # the saved model keeps all of them; the report says how much the edges were discounted
@@ -153,11 +173,29 @@ def _write_split(out: Path, train, test_record: dict | None = None) -> None:
     atomic_write_text(out / "split.json", json.dumps(record, indent=1, default=str) + "\n")
 
 
-def _out_folder(path: str | Path) -> Path:
-    """--out as a Path, checked before any work: an existing file there would fail only at the end."""
+def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag: str = "--out") -> Path:
+    """--out as a Path, checked before any work (a problem there would otherwise show only at the
+    end). It must not lie inside an input folder: a later run would read what this one writes
+    there (overlays of defective images, plots) as data."""
     out = Path(path)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a folder")
+        raise CliError(f"{flag} {out} exists and is not a folder")
+    target = out.resolve()
+    for item in inputs:
+        folder = Path(item).resolve() if item is not None else None
+        if folder is not None and folder.is_dir() and (target == folder or folder in target.parents):
+            raise CliError(f"{flag} {out} lies inside the input folder {item}: a later run would read the "
+                           f"reports and heatmaps written there as images; choose a folder outside it")
+    # A test write into the folder, or into its nearest existing parent where it will be created
+    # (created only when there is something to write).
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise CliError(f"{flag} {out} cannot be created: {existing} is a file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".slsg-write-check-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"{flag} {out} cannot be written: {exc.strerror or exc}") from exc
     return out
 
 
@@ -165,9 +203,11 @@ def _out_folder(path: str | Path) -> Path:
 def cmd_fit(args: argparse.Namespace) -> int:
     from slsg.data import open_dataset
     from slsg.detectors import MemoryBankConfig, MemoryBankDetector
+    from slsg.report import remove_report_heatmaps
 
-    data, out = Path(args.data), _out_folder(args.out)
+    data = Path(args.data)
     layout, kwargs, split = _dataset_kwargs(data, args)
+    out = _out_folder(args.out, (args.data, args.abnormal, args.masks))
     weights = None if args.weights == "none" else args.weights
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
                               coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
@@ -182,11 +222,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
     fit_seconds = time.perf_counter() - start
     if split is not None:  # seeded: `slsg test` must rebuild the same split
         detector.fit_info["split"] = split
+    # `slsg test` refuses a test split that holds any of them (the folder changed since the fit).
+    detector.fit_info["train_files"] = train.relative_paths()
     detector.save(out / "model")
     # The evaluation of a model this one replaces would no longer describe the model here.
-    for stale in ("metrics.json", "report.md", "roc.png", "pro.png", *(out / "heatmaps").glob("*.png")):
+    for stale in ("metrics.json", "report.md", "roc.png", "pro.png"):
         if (out / stale).is_file():
             (out / stale).unlink()
+    remove_report_heatmaps(out / "heatmaps")
     print(f"fitted on {len(train)} images in {fit_seconds:.1f} s: memory bank of {len(detector.bank)} patches, "
           f"threshold {detector.image_threshold if detector.image_threshold is None else round(detector.image_threshold, 4)}; "
           f"model saved to {out / 'model'}")
@@ -205,7 +248,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector.progress = not args.quiet
     data = Path(args.data)
     layout, kwargs, _ = _dataset_kwargs(data, args, detector.fit_info.get("split"))
-    out = _out_folder(args.out) if args.out else model_dir.parent if model_dir.name == "model" else model_dir
+    out = _out_folder(args.out if args.out else model_dir.parent if model_dir.name == "model" else model_dir,
+                      (args.data, args.abnormal, args.masks), flag="--out" if args.out else "the run folder")
     _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
     return 0
 
@@ -233,24 +277,38 @@ def _expand_images(items: Sequence[str], recursive: bool = False) -> list[Path]:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from slsg.data import load_image
+    from slsg.data import DataError, load_image
     from slsg.data.io import resize_image
     from slsg.detectors import load_detector
     from slsg.detectors.evaluation import resize_map
     from slsg.report import heat_window, overlay_heatmap, save_png, unique_name
     from slsg.utils import atomic_write_text
 
-    out = _out_folder(args.out) if args.out else None
+    inputs = [item for item in args.images if Path(item).is_dir()]
+    # Non-recursive reads see only a folder's own files: a subfolder for the output is fine.
+    out = (_out_folder(args.out, inputs if args.recursive else ()) if args.out else None)
+    if out is not None and not args.recursive and out.resolve() in {Path(i).resolve() for i in inputs}:
+        raise CliError(f"--out {args.out} is an input folder: a later run would score the heatmaps written "
+                       "there as images; choose another folder")
     detector = load_detector(args.model)
     paths = _expand_images(args.images, args.recursive)
     size = detector.dataset_image_size
     threshold = detector.image_threshold
     bit_depth = getattr(detector.config, "bit_depth", None)
     records: list[dict[str, Any]] = []
+    failed: list[dict[str, str]] = []
     used_names: set[str] = set()
     for start in range(0, len(paths), args.batch_size):
-        chunk = paths[start:start + args.batch_size]
-        originals = [load_image(p, bit_depth) for p in chunk]
+        chunk, originals = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                originals.append(load_image(path, bit_depth))
+                chunk.append(path)
+            except DataError as exc:  # one unreadable file (a half-copied camera image) must not stop the run
+                failed.append({"path": str(path), "error": str(exc)})
+                print(f"{path}\tskipped: {exc}", file=sys.stderr)
+        if not chunk:
+            continue
         scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
         for path, original, score, amap in zip(chunk, originals, scores.tolist(), maps):
             verdict = None if threshold is None else bool(score >= threshold)
@@ -268,9 +326,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 save_png(overlay_heatmap(original, full, window, None, threshold, caption), out / name)
     if out is not None:
         atomic_write_text(out / "predictions.json",
-                          json.dumps({"model": str(args.model), "threshold": threshold, "predictions": records},
-                                     indent=2) + "\n")
+                          json.dumps({"model": str(args.model), "threshold": threshold, "predictions": records,
+                                      "unreadable": failed}, indent=2) + "\n")
         print(f"heatmaps and predictions.json written to {out}")
+    if failed:
+        raise CliError(f"{len(failed)} of {len(paths)} images could not be read and were skipped "
+                       f"(first: {failed[0]['path']}); the others were scored")
     return 0
 
 
@@ -288,7 +349,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.exists():
         raise CliError(f"data folder not found: {data}")
-    written = write_examples(data, _out_folder(args.out), n=args.n, seed=args.seed, textures=args.textures,
+    written = write_examples(data, _out_folder(args.out, (data,)), n=args.n, seed=args.seed, textures=args.textures,
                              preset=args.preset, image_size=args.image_size)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
@@ -309,12 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = argparse.ArgumentParser(add_help=False)
     evaluation.add_argument("--batch-size", type=_positive_int, default=8)
-    evaluation.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    evaluation.add_argument("--heatmaps", type=int, default=2, help="overlays per defect type in the report")
+    evaluation.add_argument("--workers", type=_non_negative_int, default=0, help="DataLoader worker processes")
+    evaluation.add_argument("--heatmaps", type=_non_negative_int, default=2, help="overlays per defect type in the report")
     evaluation.add_argument("--train-ratio", type=_ratio, default=None,
                             help="MTD or a folder of normal images: share of the normal images that trains "
                                  "(default 0.8; slsg test: the model's)")
-    evaluation.add_argument("--split-seed", type=int, default=None,
+    evaluation.add_argument("--split-seed", type=_non_negative_int, default=None,
                             help="MTD or folder: seed of the train/test split (default 0; slsg test: the model's)")
     evaluation.add_argument("--abnormal", default=None,
                             help="folder of normal images: a folder of anomalous test images (sub-folders = defect types)")
@@ -344,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--bit-depth", type=int, default=None, choices=range(8, 17), metavar="{8..16}",
                      help="bits per sample of images wider than 8 bits, e.g. 12 for a 12-bit camera's 16-bit "
                           "files (default: their container's 16); kept with the model")
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--seed", type=_non_negative_int, default=0)
     fit.add_argument("--no-eval", action="store_true", help="only fit and save the model")
     fit.set_defaults(func=cmd_fit)
 
@@ -374,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--data", required=True, help="dataset folder or folder of normal images")
     simulate.add_argument("--out", required=True)
     simulate.add_argument("-n", type=_positive_int, default=16, help="number of examples")
-    simulate.add_argument("--seed", type=int, default=0)
+    simulate.add_argument("--seed", type=_non_negative_int, default=0)
     simulate.add_argument("--textures", default=None, help="folder of texture images (default: procedural)")
     simulate.add_argument("--preset", default=None, help="synthesis preset or category name")
     simulate.add_argument("--image-size", type=_positive_int, default=256)

@@ -242,20 +242,39 @@ def unique_name(name_for: Callable[[int], str], used: set[str]) -> str:
     return name_for(n)
 
 
+# Names of the overlays a report wrote into its heatmaps folder: the next report there removes
+# those and nothing else (a user's own images there, e.g. slsg predict's, stay).
+HEATMAP_MANIFEST = ".slsg-report-heatmaps.json"
+
+
+def remove_report_heatmaps(directory: Path) -> None:
+    """Remove the overlays an earlier report wrote into ``directory``, as its manifest names them."""
+    manifest = directory / HEATMAP_MANIFEST
+    try:
+        names = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    for name in names if isinstance(names, list) else ():
+        # plain .png names inside the folder only: a tampered manifest must not reach out
+        if isinstance(name, str) and name.endswith(".png") and Path(name).name == name:
+            (directory / name).unlink(missing_ok=True)
+    manifest.unlink(missing_ok=True)
+
+
 def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth: int | None = None) -> list[Path]:
     """Overlays of the first ``per_type`` test images of each defect type (and of the good ones).
-    The folder is the report's own: overlays of an earlier report there are removed."""
-    for old in directory.glob("*.png") if directory.is_dir() else ():
-        old.unlink()
+    Overlays of an earlier report there are replaced; other files are left alone."""
+    remove_report_heatmaps(directory)
     if per_type <= 0:
         return []
+    directory.mkdir(parents=True, exist_ok=True)
     chosen: dict[str, list[int]] = {}
     for i, defect in enumerate(ev.defect_types):
         if len(chosen.setdefault(defect or "unknown", [])) < per_type:
             chosen[defect or "unknown"].append(i)
     window = heat_window(ev.threshold, ev.maps)
     written = []
-    used: set[str] = set()
+    used = {p.name for p in directory.iterdir()}  # never overwrite a file that is not the report's
     for defect, indices in chosen.items():
         for i in indices:
             path = Path(ev.paths[i])
@@ -268,6 +287,7 @@ def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth
             out = directory / unique_name(lambda n: f"{base}.png" if n == 1 else f"{base}_{n}.png", used)
             save_png(panel, out)
             written.append(out)
+            atomic_write_text(directory / HEATMAP_MANIFEST, json.dumps({"files": [w.name for w in written]}) + "\n")
     return written
 
 

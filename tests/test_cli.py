@@ -85,6 +85,32 @@ def test_predict_writes_scores_and_heatmaps(capsys, tmp_path, tiny_model):
     assert len({r["heatmap"] for r in record["predictions"]}) == 3
 
 
+def test_predict_skips_unreadable_images_and_keeps_the_others(capsys, tmp_path, tiny_model):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.png", "c.png"):
+        Image.new("RGB", (40, 40), (90, 120, 30)).save(folder / name)
+    Image.new("RGB", (40, 40)).save(tmp_path / "full.png")
+    (folder / "b.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])  # a half-copied file
+    code, out, err = run(capsys, "predict", "--model", tiny_model, folder, "--out", tmp_path / "pred", "--quiet",
+                         "--batch-size", 2)
+    assert code == 2 and "1 of 3 images could not be read" in err and "b.png" in err
+    assert [Path(line.split("\t")[0]).name for line in out.splitlines() if "\t" in line] == ["a.png", "c.png"]
+    record = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert [Path(r["path"]).name for r in record["predictions"]] == ["a.png", "c.png"]
+    assert [Path(r["path"]).name for r in record["unreadable"]] == ["b.png"]
+    # --model may name the model's detector.json itself
+    code, _, err = run(capsys, "predict", "--model", tiny_model / "model" / "detector.json", folder / "a.png")
+    assert code == 0, err
+    # --out: not an input folder; not under a file (found before any work)
+    code, _, err = run(capsys, "predict", "--model", tiny_model, folder, "--out", folder, "--quiet")
+    assert code == 2 and "is an input folder" in err
+    code, _, err = run(capsys, "predict", "--model", tiny_model, folder, "--out", tmp_path / "full.png" / "x")
+    assert code == 2 and "cannot be created" in err and "full.png is a file" in err
+
+
 def test_predict_never_overwrites_a_heatmap(capsys, tmp_path, tiny_model):
     # "a_3.png" and two "a.png": the fallback name of a duplicate must not hit a third file.
     from PIL import Image
@@ -125,8 +151,14 @@ def test_download_and_simulate_dispatch(capsys, tmp_path, monkeypatch):
     code, out, _ = run(capsys, "download", "mvtec-ad", "bottle", "--root", tmp_path / "data")
     assert code == 0 and calls["download"] == ("mvtec-ad", "bottle", str(tmp_path / "data"), None)
     assert str(tmp_path / "data" / "bottle") in out
-    code, _, _ = run(capsys, "simulate", "--data", tmp_path, "--out", tmp_path / "sim", "-n", 3, "--seed", 7)
-    assert code == 0 and calls["simulate"] == (str(tmp_path), str(tmp_path / "sim"), 3, 7)
+    source = tmp_path / "source"
+    source.mkdir()
+    code, _, _ = run(capsys, "simulate", "--data", source, "--out", tmp_path / "sim", "-n", 3, "--seed", 7)
+    assert code == 0 and calls["simulate"] == (str(source), str(tmp_path / "sim"), 3, 7)
+    # Written into the data folder, the examples (simulated defects) would be read as normal images.
+    del calls["simulate"]
+    code, _, err = run(capsys, "simulate", "--data", source, "--out", source / "sim")
+    assert code == 2 and "lies inside the input folder" in err and "simulate" not in calls
     code, _, err = run(capsys, "simulate", "--data", tmp_path / "none", "--out", tmp_path / "sim")
     assert code == 2 and str(tmp_path / "none") in err
 
@@ -168,7 +200,7 @@ def test_end_to_end_on_real_bottle_images(capsys, tmp_path, shared_data):
     assert "image_auroc" in out
     for name in ("report.md", "roc.png", "pro.png", "split.json", "model/detector.json"):
         assert (run_dir / name).is_file(), name
-    assert len(list((run_dir / "heatmaps").iterdir())) == 4  # one per defect type and one good
+    assert len(list((run_dir / "heatmaps").glob("*.png"))) == 4  # one per defect type and one good
 
 
 def _synthetic_layout(root: Path, train: int = 5) -> Path:
@@ -308,9 +340,24 @@ def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
     code, _, err = run(capsys, "fit", "--data", good, "--no-eval", "--out", tmp_path / "run2", *common)
     assert code == 0, err
     assert (tmp_path / "run2" / "model" / "detector.json").is_file()
-    # --abnormal belongs to folder datasets only.
+    # --abnormal belongs to folder datasets only; --masks needs --abnormal; MVTec layouts come split.
     code, _, err = run(capsys, "fit", "--data", toy, "--abnormal", tmp_path / "bad", "--out", tmp_path / "run3", *common)
     assert code == 2 and "--abnormal and --masks are for a folder of normal images" in err
+    code, _, err = run(capsys, "fit", "--data", good, "--masks", masks, "--out", tmp_path / "run3", *common)
+    assert code == 2 and "pass --abnormal too" in err
+    code, _, err = run(capsys, "fit", "--data", toy, "--train-ratio", 0.5, "--out", tmp_path / "run3", *common)
+    assert code == 2 and "comes split into train and test" in err
+    # The folder is read recursively: a run folder inside it would be read as data by the next fit.
+    code, _, err = run(capsys, "fit", "--data", good, "--out", good / "run", *common)
+    assert code == 2 and "lies inside the input folder" in err and not (good / "run").exists()
+    # A folder changed after the fit gives another seeded split, which would test on training
+    # images: refused, naming one.
+    trained = json.loads((tmp_path / "run_s1" / "model" / "detector.json").read_text())["fit_info"]["train_files"]
+    assert len(trained) == 6
+    (good / "g0.png").unlink()
+    code, _, err = run(capsys, "test", "--model", tmp_path / "run_s1", "--data", good, "--abnormal", tmp_path / "bad",
+                       "--masks", masks, "--quiet", "--heatmaps", 0)
+    assert code == 2 and "test images trained this model" in err and "has changed since the fit" in err
 
 
 def test_bit_depth_is_kept_with_the_model(capsys, tmp_path):

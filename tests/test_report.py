@@ -59,11 +59,26 @@ def test_write_report_files_and_values(tmp_path):
     for name in ("roc.png", "pro.png"):
         with Image.open(run / name) as im:
             assert im.format == "PNG" and im.width > 200
-    heatmaps = sorted(p.name for p in (run / "heatmaps").iterdir())
+    heatmaps = sorted(p.name for p in (run / "heatmaps").glob("*.png"))
     assert heatmaps == ["crack_img2.png", "good_img0.png", "hole_img4.png"]  # one per defect type
     with Image.open(run / "heatmaps" / "crack_img2.png") as im:
         assert im.size == (2 * 40 + 4, 70 + 18)  # two panels at original size + caption bar
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]  # atomic writes left no temp files
+
+
+def test_a_new_report_replaces_its_own_overlays_only(tmp_path):
+    ev = make_evaluation(tmp_path)
+    write_report(tmp_path / "run", ev, {"name": "toy"})
+    heatmaps = tmp_path / "run" / "heatmaps"
+    own = sorted(p.name for p in heatmaps.glob("*.png"))
+    (heatmaps / "mine_heatmap.png").write_bytes(b"a user's file")  # e.g. slsg predict --out run/heatmaps
+    (heatmaps / own[0]).write_bytes(b"stale overlay")
+    write_report(tmp_path / "run", ev, {"name": "toy"})
+    assert sorted(p.name for p in heatmaps.glob("*.png")) == sorted(own + ["mine_heatmap.png"])
+    assert (heatmaps / "mine_heatmap.png").read_bytes() == b"a user's file"
+    assert (heatmaps / own[0]).read_bytes() != b"stale overlay"  # replaced, not kept beside a new one
+    write_report(tmp_path / "run", ev, {"name": "toy"}, heatmaps_per_type=0)
+    assert [p.name for p in heatmaps.glob("*.png")] == ["mine_heatmap.png"]
 
 
 def test_report_without_ground_truth_masks(tmp_path):

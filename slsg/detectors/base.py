@@ -319,6 +319,8 @@ class Detector(ABC):
 def resolve_model_dir(path: str | os.PathLike) -> Path:
     """The folder holding detector.json: ``path`` itself or ``path/model`` (a run folder)."""
     path = Path(path)
+    if path.name == DETECTOR_FILE and path.is_file():  # the file itself
+        return path.parent
     if (path / DETECTOR_FILE).is_file():
         return path
     if (path / "model" / DETECTOR_FILE).is_file():
