@@ -146,6 +146,10 @@ class AnomalyDataset(Dataset):
     def _read_mask(self, path: Path) -> np.ndarray:
         return load_mask(path)
 
+    def has_mask_files(self, index: int) -> bool:
+        """Whether image `index` has ground-truth mask files (good images and unannotated ones have none)."""
+        return bool(self.samples[index].mask_paths)
+
     def full_mask(self, index: int, size: tuple[int, int] | None = None) -> np.ndarray:
         """Union of all ground-truth masks of image `index`, bool [H0, W0]; all False for good images."""
         sample = self.samples[index]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .base import AnomalyDataset, Sample, list_images
 from .folder import Folder, seeded_split
-from .io import DataError, check_bit_depth
+from .io import IMAGE_EXTENSIONS, DataError, check_bit_depth
 from .mtd import MTD
 from .mvtec import DefectConfig, MVTecAD, MVTecLOCO, parse_defects_config
 
@@ -25,7 +25,7 @@ def detect_layout(path: str | os.PathLike) -> str:
     """Name of the layout of `path`: "mvtec-loco", "mvtec-ad" or "mtd"; DataError otherwise."""
     path = Path(path)
     if not path.is_dir():
-        raise DataError(f"dataset folder not found: {path}")
+        raise DataError(f"{path} is a file, not a dataset folder" if path.exists() else f"dataset folder not found: {path}")
     if (path / "defects_config.json").is_file():  # only LOCO has one (MVTecLOCO names what is missing)
         return "mvtec-loco"
     if (path / "train" / "good").is_dir():
@@ -36,8 +36,11 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "folder"
     known = "; ".join(description for _, description in _LAYOUTS.values())
     categories = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "train" / "good").is_dir())
-    hint = (f" It holds categories ({', '.join(categories)}): pass one category folder."
-            if categories else " A folder of normal images must hold images directly (not only in sub-folders).")
+    others = sorted({p.suffix.lower() or p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")})
+    hint = (f" It holds categories ({', '.join(categories)}): pass one category folder." if categories else
+            " A folder of normal images must hold images directly (not only in sub-folders)"
+            + (f"; the files directly inside ({', '.join(others[:8])}) are not images of a supported type "
+               f"({', '.join(sorted(IMAGE_EXTENSIONS))})." if others else "."))
     raise DataError(f"cannot recognise the dataset layout of {path}. Known layouts: {known}.{hint}")
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".tif", ".tiff", ".webp",
+                              ".pgm", ".ppm", ".pbm", ".pnm", ".gif"})
 
 # PIL modes holding more than 8 bits per sample; PIL's own convert("RGB") clips
 # them at 255 instead of scaling, which would turn most 16-bit images white.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ class MVTecAD(AnomalyDataset):
 
     @staticmethod
     def _train_samples(root: Path) -> list[Sample]:
-        return [Sample(p, 0, "good", "good") for p in list_images(root / "train" / "good")]
+        return [Sample(p, 0, "good", "good") for p in _images_in(root / "train" / "good", "MVTec AD")]
 
     def _test_samples(self, root: Path) -> list[Sample]:
         test_dir = _require_dir(root / "test", self.name)
@@ -52,7 +53,7 @@ class MVTecAD(AnomalyDataset):
         samples: list[Sample] = []
         for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
-            images = list_images(defect_dir)
+            images = _images_in(defect_dir, self.name)
             if defect == "good":
                 samples += [Sample(p, 0, "good", "good") for p in images]
                 continue
@@ -75,6 +76,19 @@ class MVTecAD(AnomalyDataset):
             stem = mask.stem[: -len("_mask")] if mask.stem.endswith("_mask") else mask.stem
             if stem not in image_stems:
                 raise DataError(f"MVTec AD: mask {mask} has no matching test image")
+
+
+def _images_in(folder: Path, layout: str) -> list[Path]:
+    """The images directly in ``folder``, as the layout has them; a warning names what it leaves
+    out (images in sub-folders, an empty folder), which would otherwise vanish from the split."""
+    images = list_images(folder)
+    nested = len(list_images(folder, recursive=True)) - len(images)
+    if nested:
+        warnings.warn(f"{layout}: {nested} image(s) in sub-folders of {folder} are not read (the layout keeps "
+                      "images directly in it)", stacklevel=3)
+    elif not images:
+        warnings.warn(f"{layout}: {folder} holds no images", stacklevel=3)
+    return images
 
 
 @dataclass(frozen=True)
@@ -164,7 +178,7 @@ class MVTecLOCO(AnomalyDataset):
         if split == "test":
             samples = self._test_samples(root)
         else:
-            samples = [Sample(p, 0, "good", "good") for p in list_images(_require_dir(root / split / "good", self.name))]
+            samples = [Sample(p, 0, "good", "good") for p in _images_in(_require_dir(root / split / "good", self.name), self.name)]
         super().__init__(samples, root, split, image_size)
 
     def _test_samples(self, root: Path) -> list[Sample]:
@@ -177,7 +191,7 @@ class MVTecLOCO(AnomalyDataset):
         for folder, kind in _LOCO_KINDS.items():
             if not (test_dir / folder).is_dir():
                 continue
-            images = list_images(test_dir / folder)
+            images = _images_in(test_dir / folder, self.name)
             if kind == "good":
                 samples += [Sample(p, 0, "good", "good") for p in images]
                 continue

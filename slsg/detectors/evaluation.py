@@ -7,6 +7,7 @@ ground-truth masks.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,7 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
                         collate_fn=_collate)
     scores, labels, maps, masks = [], [], [], []
     paths, defect_types, kinds = [], [], []
+    unmarked = []  # images whose mask files mark nothing
     predict_seconds = 0.0
     start = time.perf_counter()
     index = 0
@@ -67,6 +69,8 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
         predict_seconds += time.perf_counter() - t0
         for j in range(len(batch_scores)):
             mask = dataset_method(dataset, "full_mask", index)
+            if mask is not None and not mask.any() and dataset_method(dataset, "has_mask_files", index):
+                unmarked.append(batch["path"][j])
             size = mask.shape if mask is not None else tuple(batch_maps[j].shape[-2:])
             maps.append(resize_map(batch_maps[j], size))
             masks.append(mask if mask is not None else np.zeros(size, dtype=bool))
@@ -76,6 +80,10 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
         paths += batch["path"]
         defect_types += batch["defect_type"]
         kinds += batch["kind"]
+    if unmarked:
+        warnings.warn(f"{len(unmarked)} test image(s) have ground-truth mask files with no marked pixel "
+                      f"(e.g. {unmarked[0]}): their pixels all count as normal in the pixel metrics; check that "
+                      "the masks mark defects in white (or 1) on black", stacklevel=2)
     region_masks = None
     if dataset_method(dataset, "region_masks", None) is not None:
         region_masks = [dataset_method(dataset, "region_masks", i) for i in range(len(dataset))]

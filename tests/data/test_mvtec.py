@@ -85,8 +85,18 @@ def test_ground_truth_folder_without_test_folder(mvtec_tree, builders):
 def test_empty_train_folder(mvtec_tree):
     for path in (mvtec_tree / "train" / "good").iterdir():
         path.unlink()
-    with pytest.raises(DataError, match="no images"):
+    with pytest.raises(DataError, match="no images"), pytest.warns(UserWarning, match="holds no images"):
         MVTecAD(mvtec_tree, "train")
+
+
+def test_images_the_layout_does_not_read_are_named(mvtec_tree):
+    # Moved into a sub-folder, an image vanished from the split without a word.
+    good = mvtec_tree / "train" / "good"
+    (good / "extra").mkdir()
+    first = sorted(good.glob("*.png"))[0]
+    first.rename(good / "extra" / first.name)
+    with pytest.warns(UserWarning, match=r"1 image\(s\) in sub-folders of .*good are not read"):
+        assert len(MVTecAD(mvtec_tree, "train")) == 2
 
 
 def test_not_a_category(tmp_path):

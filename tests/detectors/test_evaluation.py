@@ -111,3 +111,37 @@ def test_measure_throughput_rejects_nonsense(kwargs, match):
         measure_throughput(BrightnessDetector(), torch.rand(1, 3, SIZE, SIZE), **kwargs)
     with pytest.raises(ValueError, match="non-empty batch"):
         measure_throughput(BrightnessDetector(), torch.rand(0, 3, SIZE, SIZE))
+
+
+def test_mask_files_that_mark_nothing_are_reported(tmp_path):
+    # An RGBA mask whose defect lies in the alpha channel only reads as all black: the image's
+    # pixels would silently count as normal.
+    from PIL import Image
+
+    from slsg.data import Folder
+
+    for folder in ("good", "bad", "masks", "bad_unannotated"):
+        (tmp_path / folder).mkdir()
+    for i in range(3):
+        Image.new("RGB", (SIZE, SIZE), (40, 40, 40)).save(tmp_path / "good" / f"g{i}.png")
+    for name in ("a", "b"):
+        Image.new("RGB", (SIZE, SIZE), (200, 40, 40)).save(tmp_path / "bad" / f"{name}.png")
+        Image.new("RGB", (SIZE, SIZE), (200, 40, 40)).save(tmp_path / "bad_unannotated" / f"{name}.png")
+    marked = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    marked[4:9, 4:9] = 255
+    Image.fromarray(marked).save(tmp_path / "masks" / "a.png")
+    alpha_only = np.zeros((SIZE, SIZE, 4), dtype=np.uint8)
+    alpha_only[4:9, 4:9, 3] = 255
+    Image.fromarray(alpha_only, mode="RGBA").save(tmp_path / "masks" / "b.png")
+    test = Folder(tmp_path / "good", abnormal_dir=tmp_path / "bad", mask_dir=tmp_path / "masks", split="test",
+                  test_normal_ratio=0.5, image_size=None)
+    with pytest.warns(UserWarning, match=r"1 test image\(s\) have ground-truth mask files with no marked pixel .*b.png"):
+        evaluate(BrightnessDetector(), test, batch_size=2)
+    # Without masks at all there is nothing to report.
+    import warnings
+
+    plain = Folder(tmp_path / "good", abnormal_dir=tmp_path / "bad_unannotated", split="test", test_normal_ratio=0.5,
+                   image_size=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(BrightnessDetector(), plain, batch_size=2)
