@@ -11,6 +11,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -309,7 +310,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{path}\tskipped: {exc}", file=sys.stderr)
         if not chunk:
             continue
-        scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
+        _warn_if_far_larger(detector, chunk, originals)
+        try:
+            scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
+        except (RuntimeError, MemoryError) as exc:
+            if not isinstance(exc, MemoryError) and "memory" not in str(exc).lower():
+                raise
+            largest = max(zip(chunk, originals), key=lambda pair: pair[1].width * pair[1].height)
+            raise CliError(f"out of memory scoring {len(chunk)} image(s), the largest {largest[0]} "
+                           f"({largest[1].width} x {largest[1].height} px, model input "
+                           f"{'x'.join(map(str, detector.input_size(largest[1].height, largest[1].width)))}): "
+                           + ("use --batch-size 1, or " if len(chunk) > 1 else "")
+                           + "resize such images to the training images' scale") from exc
         for path, original, score, amap in zip(chunk, originals, scores.tolist(), maps):
             verdict = None if threshold is None else bool(score >= threshold)
             records.append({"path": str(path), "score": score, "anomalous": verdict})
@@ -333,6 +345,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise CliError(f"{len(failed)} of {len(paths)} images could not be read and were skipped "
                        f"(first: {failed[0]['path']}); the others were scored")
     return 0
+
+
+_warned_scale = False
+
+
+def _warn_if_far_larger(detector, paths, images) -> None:
+    """Once: an image whose model input has over 16 times the pixels of the training images' is
+    scored at full size (keep_aspect scales every image alike): slow, memory hungry, and scored on
+    patches at another scale than the memory bank's if it shows the product larger."""
+    global _warned_scale
+    usual = detector.config.image_size ** 2
+    for path, image in zip(paths, images):
+        h, w = detector.input_size(image.height, image.width)
+        if not _warned_scale and h * w > 16 * usual:
+            _warned_scale = True
+            print(f"warning: {path} becomes a {w} x {h} model input, over 16 times the pixels of the training "
+                  f"images' (about {detector.config.image_size} px on the shorter side): expect slow scoring and "
+                  "much memory; the model expects images taken like the training images", file=sys.stderr)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -443,11 +473,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    formatwarning = warnings.formatwarning
+    if not args.debug:  # "warning: ..." lines for users, not a source line of slsg under each
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args)
     except KeyboardInterrupt:
@@ -461,6 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(worker_message(str(exc)).split()) or type(exc).__name__
         print(f"slsg {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 def worker_message(text: str) -> str:

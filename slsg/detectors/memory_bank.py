@@ -214,7 +214,7 @@ class MemoryBankDetector(Detector):
         if 0 < n_cal < MIN_CALIBRATION_IMAGES:
             warnings.warn(f"the image threshold comes from only {n_cal} held-out normal image(s) of {n} "
                           f"(calibration_ratio={cfg.calibration_ratio}): expect it to flag many normal images; "
-                          "more training images make it reliable", stacklevel=2)
+                          "more training images make it reliable", stacklevel=3)
         if cfg.resize == "square":
             self.fit_info = {"input_scale": None}
             input_sizes = [(cfg.image_size, cfg.image_size)] * n
@@ -243,7 +243,7 @@ class MemoryBankDetector(Detector):
                    f"(calibration_ratio={cfg.calibration_ratio})" if n_cal < 2 else
                    "the held-out images' interior patches all matched the memory bank exactly")
             warnings.warn(f"edge levels (edge_band={cfg.edge_band}) are off for this model: {why}; "
-                          "edge patches are scored on raw distances", stacklevel=2)
+                          "edge patches are scored on raw distances", stacklevel=3)
         self.fit_info.update({
             "train_images": len(bank_index),
             "calibration_images": len(cal_index),
