@@ -6,6 +6,7 @@ stderr with exit code 2; ``--debug`` shows the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import re
 import sys
@@ -270,6 +271,11 @@ def _expand_images(items: Sequence[str], recursive: bool = False) -> list[Path]:
             paths += found
         elif path.is_file():
             paths.append(path)
+        elif any(c in item for c in "*?["):  # a pattern no shell expanded (Windows cmd, PowerShell, quotes)
+            matches = sorted(Path(p) for p in glob.glob(item) if Path(p).is_file())
+            if not matches:
+                raise CliError(f"no file matches {item}")
+            paths += matches
         else:
             raise CliError(f"image not found: {path}")
     return paths

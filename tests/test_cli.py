@@ -101,6 +101,11 @@ def test_predict_skips_unreadable_images_and_keeps_the_others(capsys, tmp_path, 
     record = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert [Path(r["path"]).name for r in record["predictions"]] == ["a.png", "c.png"]
     assert [Path(r["path"]).name for r in record["unreadable"]] == ["b.png"]
+    # a pattern no shell expanded (quoted; Windows shells never expand them)
+    code, out, err = run(capsys, "predict", "--model", tiny_model, str(folder / "[ac].png"), "--quiet")
+    assert code == 0 and [Path(line.split("\t")[0]).name for line in out.splitlines()] == ["a.png", "c.png"], err
+    code, _, err = run(capsys, "predict", "--model", tiny_model, str(folder / "*.jpg"), "--quiet")
+    assert code == 2 and "no file matches" in err
     # --model may name the model's detector.json itself
     code, _, err = run(capsys, "predict", "--model", tiny_model / "model" / "detector.json", folder / "a.png")
     assert code == 0, err
