@@ -122,7 +122,9 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     size = detector.config.image_size
     bit_depth = getattr(detector.config, "bit_depth", None)
     test = open_dataset(data, "test", image_size=detector.dataset_image_size, bit_depth=bit_depth, **kwargs)
-    trained_on = set(detector.fit_info.get("train_files") or ())
+    # The same folder as at the fit only: another folder (another line or batch) may reuse names.
+    same_folder = detector.fit_info.get("train_root") == str(data.resolve())
+    trained_on = set(detector.fit_info.get("train_files") or ()) if same_folder else set()
     leaked = [name for name in test.relative_paths() if name in trained_on]
     if leaked:
         raise CliError(f"{len(leaked)} of the {len(test)} test images trained this model (e.g. {leaked[0]}): "
@@ -143,7 +145,7 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     dataset = _dataset_description(data, layout, kwargs, test, size, train_images)
     model = {"detector": detector.kind, "config": config_to_dict(detector.config),
              **{k: v for k, v in fit_info.items()
-                if k not in ("fit_seconds", "calibration_indices", "edge_levels", "train_files")},
+                if k not in ("fit_seconds", "calibration_indices", "edge_levels", "train_files", "train_root")},
              "threads": torch.get_num_threads()}
     levels = fit_info.get("edge_levels")
     if levels:  # the saved model keeps all of them; the report says how much the edges were discounted
@@ -175,6 +177,12 @@ def _write_split(out: Path, train, test_record: dict | None = None) -> None:
     atomic_write_text(out / "split.json", json.dumps(record, indent=1, default=str) + "\n")
 
 
+def _recursive_inputs(layout: str, args: argparse.Namespace) -> tuple:
+    """The input folders read with all their sub-folders (a folder of normal images, --abnormal,
+    --masks); MVTec and MTD layouts read only their fixed sub-folders."""
+    return (args.data, args.abnormal, args.masks) if layout == "folder" else ()
+
+
 def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag: str = "--out") -> Path:
     """--out as a Path, checked before any work (a problem there would otherwise show only at the
     end). It must not lie inside an input folder: a later run would read what this one writes
@@ -182,6 +190,8 @@ def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CliError(f"{flag} {out} exists and is not a folder")
+    if out.is_symlink() and not out.exists():
+        raise CliError(f"{flag} {out} is a link to nothing ({out.readlink()})")
     target = out.resolve()
     for item in inputs:
         folder = Path(item).resolve() if item is not None else None
@@ -209,7 +219,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     data = Path(args.data)
     layout, kwargs, split = _dataset_kwargs(data, args)
-    out = _out_folder(args.out, (args.data, args.abnormal, args.masks))
+    out = _out_folder(args.out, _recursive_inputs(layout, args))
     weights = None if args.weights == "none" else args.weights
     config = MemoryBankConfig(backbone=args.backbone, weights=weights, image_size=args.image_size,
                               coreset_ratio=args.coreset_ratio, seed=args.seed, batch_size=args.batch_size,
@@ -225,13 +235,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if split is not None:  # seeded: `slsg test` must rebuild the same split
         detector.fit_info["split"] = split
     # `slsg test` refuses a test split that holds any of them (the folder changed since the fit).
-    detector.fit_info["train_files"] = train.relative_paths()
+    detector.fit_info["train_root"], detector.fit_info["train_files"] = str(data.resolve()), train.relative_paths()
     detector.save(out / "model")
     # The evaluation of a model this one replaces would no longer describe the model here.
+    remove_report_heatmaps(out / "heatmaps")  # before report.md, which names them in older runs
     for stale in ("metrics.json", "report.md", "roc.png", "pro.png"):
         if (out / stale).is_file():
             (out / stale).unlink()
-    remove_report_heatmaps(out / "heatmaps")
     print(f"fitted on {len(train)} images in {fit_seconds:.1f} s: memory bank of {len(detector.bank)} patches, "
           f"threshold {detector.image_threshold if detector.image_threshold is None else round(detector.image_threshold, 4)}; "
           f"model saved to {out / 'model'}")
@@ -251,7 +261,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     data = Path(args.data)
     layout, kwargs, _ = _dataset_kwargs(data, args, detector.fit_info.get("split"))
     out = _out_folder(args.out if args.out else model_dir.parent if model_dir.name == "model" else model_dir,
-                      (args.data, args.abnormal, args.masks), flag="--out" if args.out else "the run folder")
+                      _recursive_inputs(layout, args), flag="--out" if args.out else "the run folder")
     _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
     return 0
 
@@ -320,7 +330,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         try:
             scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
         except (RuntimeError, MemoryError) as exc:
-            if not isinstance(exc, MemoryError) and "memory" not in str(exc).lower():
+            text = str(exc).lower()
+            if not isinstance(exc, MemoryError) and not any(
+                    sign in text for sign in ("out of memory", "can't allocate memory", "defaultcpuallocator")):
                 raise
             largest = max(zip(chunk, originals), key=lambda pair: pair[1].width * pair[1].height)
             raise CliError(f"out of memory scoring {len(chunk)} image(s), the largest {largest[0]} "

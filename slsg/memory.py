@@ -47,7 +47,8 @@ class IndexConfig:
     # IVF-PQ: the index proposes refine * k candidates, ranked again by their exact distances to
     # the stored features (faiss's IndexRefineFlat idea; the bank keeps the features anyway). PQ
     # codes alone order close neighbours poorly: on 848,484 real patch features recall at 1 was
-    # 0.58 with PQ estimates and 0.96 with refine 8, in 1.2 s against 1.1 (benchmarks/RESULTS.md).
+    # 0.58 with PQ estimates and 0.96 with refine 8, in 1.2 s against 1.1 at k = 1 (benchmarks/
+    # RESULTS.md); the re-ranking grows with k * refine * D (k = 9, D = 512: 2.7x the time).
     # 0: PQ estimates.
     refine: int = 8
 
@@ -392,7 +393,9 @@ class MemoryBank:
                 meta = json.loads(bytes(data["meta"]).decode())
                 features = torch.from_numpy(data["features"].copy())
                 serialized = data["faiss_index"].copy() if "faiss_index" in data else None
-        except Exception as exc:  # numpy raises many kinds on damaged files (even AssertionError, MemoryError)
+        except MemoryError:
+            raise  # a large bank in too little memory, most likely (a damaged header may claim too many rows)
+        except Exception as exc:  # numpy raises many kinds on damaged files (even AssertionError)
             raise ValueError(f"{invalid} ({type(exc).__name__}: {exc})") from exc
         if not isinstance(meta, dict):
             raise ValueError(f"{invalid} (its metadata is not a JSON object)")
@@ -401,7 +404,9 @@ class MemoryBank:
         try:
             if not isinstance(meta.get("index"), dict):
                 raise ValueError("no index settings")
-            bank = cls(features, backend=meta.get("backend"), index=IndexConfig(**meta["index"]), device=device)
+            # Banks saved before IndexConfig.refine searched on PQ estimates: they keep doing so.
+            bank = cls(features, backend=meta.get("backend"), index=IndexConfig(**{"refine": 0, **meta["index"]}),
+                       device=device)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{invalid} ({exc})") from exc
         # An IVF-PQ bank must bring its trained index (training it again would quietly give other

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -248,12 +249,17 @@ HEATMAP_MANIFEST = ".slsg-report-heatmaps.json"
 
 
 def remove_report_heatmaps(directory: Path) -> None:
-    """Remove the overlays an earlier report wrote into ``directory``, as its manifest names them."""
+    """Remove the overlays an earlier report wrote into ``directory``, as its manifest names them
+    (reports older than the manifest: as the run's report.md links them)."""
     manifest = directory / HEATMAP_MANIFEST
     try:
         names = json.loads(manifest.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        return
+        try:
+            report = (directory.parent / "report.md").read_text()
+        except OSError:
+            return
+        names = re.findall(rf"\]\({re.escape(directory.name)}/([^/)]+\.png)\)", report)
     for name in names if isinstance(names, list) else ():
         # plain .png names inside the folder only: a tampered manifest must not reach out
         if isinstance(name, str) and name.endswith(".png") and Path(name).name == name:

@@ -114,6 +114,9 @@ def test_predict_skips_unreadable_images_and_keeps_the_others(capsys, tmp_path, 
     assert code == 2 and "is an input folder" in err
     code, _, err = run(capsys, "predict", "--model", tiny_model, folder, "--out", tmp_path / "full.png" / "x")
     assert code == 2 and "cannot be created" in err and "full.png is a file" in err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    code, _, err = run(capsys, "predict", "--model", tiny_model, folder, "--out", tmp_path / "dangling")
+    assert code == 2 and "is a link to nothing" in err
 
 
 def test_predict_never_overwrites_a_heatmap(capsys, tmp_path, tiny_model):
@@ -363,6 +366,14 @@ def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
     code, _, err = run(capsys, "test", "--model", tmp_path / "run_s1", "--data", good, "--abnormal", tmp_path / "bad",
                        "--masks", masks, "--quiet", "--heatmaps", 0)
     assert code == 2 and "test images trained this model" in err and "has changed since the fit" in err
+    # Another folder (another line or batch) whose files reuse the names is a fair test.
+    shutil.copytree(good, tmp_path / "other_line")
+    code, _, err = run(capsys, "test", "--model", tmp_path / "run_s1", "--data", tmp_path / "other_line",
+                       "--abnormal", tmp_path / "bad", "--masks", masks, "--quiet", "--heatmaps", 0)
+    assert code == 0, err
+    # MVTec and MTD layouts read only their fixed sub-folders: a run folder inside is harmless.
+    code, _, err = run(capsys, "fit", "--data", toy, "--out", toy / "run", "--no-eval", *common)
+    assert code == 0, err
 
 
 def test_bit_depth_is_kept_with_the_model(capsys, tmp_path):

@@ -209,6 +209,18 @@ def test_index_kind_must_match_the_stored_index(tmp_path):
     with pytest.raises(ValueError, match="int64_index.npz is not a valid memory bank"):  # faiss asserted
         MemoryBank.load(repack(ivf, "int64_index.npz", index_dtype=np.int64))
     assert len(MemoryBank.load(repack(ivf, "same.npz"))) == 2000  # the repacking itself is sound
+    # Banks saved before IndexConfig.refine keep searching on PQ estimates.
+    assert MemoryBank.load(ivf).index_config.refine == 8
+    with np.load(ivf) as original:
+        meta = json.loads(bytes(original["meta"]).decode())
+    del meta["index"]["refine"]
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    with np.load(ivf) as original:
+        arrays |= {key: original[key] for key in ("features", "faiss_index")}
+    with zipfile.ZipFile(tmp_path / "old.npz", "w") as z:
+        for key, value in arrays.items():
+            np.save(z.open(f"{key}.npy", "w"), value)
+    assert MemoryBank.load(tmp_path / "old.npz").index_config.refine == 0
 
 
 def test_search_is_exact_when_features_share_a_large_offset():

@@ -79,6 +79,11 @@ def test_a_new_report_replaces_its_own_overlays_only(tmp_path):
     assert (heatmaps / own[0]).read_bytes() != b"stale overlay"  # replaced, not kept beside a new one
     write_report(tmp_path / "run", ev, {"name": "toy"}, heatmaps_per_type=0)
     assert [p.name for p in heatmaps.glob("*.png")] == ["mine_heatmap.png"]
+    # A run folder written before the manifest: its report.md names the overlays.
+    write_report(tmp_path / "run", ev, {"name": "toy"})
+    (heatmaps / ".slsg-report-heatmaps.json").unlink()
+    write_report(tmp_path / "run", ev, {"name": "toy"})
+    assert sorted(p.name for p in heatmaps.glob("*.png")) == sorted(own + ["mine_heatmap.png"])  # no _2 copies
 
 
 def test_report_without_ground_truth_masks(tmp_path):

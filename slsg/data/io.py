@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -65,12 +66,16 @@ def _open(path: str | os.PathLike) -> Image.Image:
 def _no_pixel_limit():
     """PIL refuses images over 179 megapixels as possible decompression bombs; line-scan and
     large-format inspection cameras deliver such images, and these files are the user's own."""
-    limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        yield
-    finally:
-        Image.MAX_IMAGE_PIXELS = limit
+    with _PIXEL_LIMIT_LOCK:  # PIL's limit is global: threads must not restore it under each other
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+_PIXEL_LIMIT_LOCK = threading.RLock()
 
 
 # EXIF orientations that swap width and height (transpose, rotations by 90 or 270 degrees).
@@ -95,13 +100,15 @@ def _wide_to_unit(array: np.ndarray, mode: str, bit_depth: int | None = None) ->
         raise ValueError("it holds NaN or infinite values")
     low, peak = array.min(initial=0.0), array.max(initial=0.0)
     if mode == "F":
-        # Float images carry no declared range: [0, 1] when they fit, else 8-bit values. Others
-        # (height maps, temperatures) have no meaning as intensities here: clipping them would
-        # turn them white or black.
-        if low < 0 or peak > 255:
+        # Float images carry no declared range: [0, 1] when they fit, else 8-bit values, each
+        # with 0.1% of slack for rounding in processing pipelines (clipped). Others (height maps,
+        # temperatures) have no meaning as intensities here: clipping them would turn them white
+        # or black.
+        top = 1.0 if peak <= 1.001 else 255.0
+        if low < -0.001 * top or peak > 1.001 * top:
             raise ValueError(f"a float image's values must lie in [0, 1] or [0, 255], these span "
                              f"[{low:.6g}, {peak:.6g}]: scale it to one of them")
-        return np.clip(array if peak <= 1.0 else array / 255.0, 0.0, 1.0)
+        return np.clip(array / top, 0.0, 1.0)
     if low < 0:
         raise ValueError(f"a {mode} image with negative values (down to {low:.0f}) is not an intensity "
                          "image: scale it to 0-65535")
@@ -190,6 +197,12 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
     their palette index when it is 0/1, else their luminance.
     """
     image = _open(path)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = np.asarray(image.convert("RGBA"))
+        if not rgba[..., :3].any() and rgba[..., 3].min() != rgba[..., 3].max():
+            # Black everywhere, the defect drawn in the alpha channel (transparent background):
+            # the alpha channel is the mask.
+            return rgba[..., 3] >= 128
     if image.mode == "P":
         index = np.asarray(image)
         if index.max(initial=0) <= 1:
@@ -248,8 +261,13 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with _no_pixel_limit(), Image.open(path) as image:
             width, height = image.size
-            if image.getexif().get(ExifTags.Base.Orientation) in _SWAPPING_ORIENTATIONS:
-                width, height = height, width  # as load_image turns it
+            orientation, tiff = image.getexif().get(ExifTags.Base.Orientation, 1), image.format == "TIFF"
     except Exception as exc:
         raise DataError(f"cannot read image header of {path}: {type(exc).__name__}: {exc}") from exc
+    if orientation != 1 and tiff:
+        # Pillow orients TIFFs itself, in its header size and, depending on the mode and the
+        # compression, in the pixels: only the loaded image tells.
+        width, height = _open(path).size
+    elif orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width  # as _open turns it
     return height, width

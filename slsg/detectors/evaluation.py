@@ -82,8 +82,9 @@ def evaluate(detector: Detector, dataset, batch_size: int = 8, num_workers: int 
         kinds += batch["kind"]
     if unmarked:
         warnings.warn(f"{len(unmarked)} test image(s) have ground-truth mask files with no marked pixel "
-                      f"(e.g. {unmarked[0]}): their pixels all count as normal in the pixel metrics; check that "
-                      "the masks mark defects in white (or 1) on black", stacklevel=2)
+                      f"(e.g. {unmarked[0]}): their pixels all count as normal in the pixel metrics (masks "
+                      "are read as white or 1 on black, or as the alpha channel of an otherwise black image)",
+                      stacklevel=2)
     region_masks = None
     if dataset_method(dataset, "region_masks", None) is not None:
         region_masks = [dataset_method(dataset, "region_masks", i) for i in range(len(dataset))]

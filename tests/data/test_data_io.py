@@ -69,6 +69,7 @@ def test_float_image(tmp_path):
 @pytest.mark.parametrize("values,match", [
     (np.array([[0.0, 30000.0, 65535.0]]), r"float image's values must lie in \[0, 1\] or \[0, 255\], these span \[0, 65535\]"),
     (np.array([[-1.0, 0.0, 1.0]]), r"span \[-1, 1\]"),
+    (np.array([[0.0, 100.0, 256.0]]), r"span \[0, 256\]"),
     (np.array([[0.0, np.nan, 1.0]]), "NaN or infinite"),
 ])
 def test_float_image_outside_an_intensity_range_is_an_error(tmp_path, values, match):
@@ -78,6 +79,9 @@ def test_float_image_outside_an_intensity_range_is_an_error(tmp_path, values, ma
         load_image(path)
     assert np.asarray(load_image(_save(tmp_path, "ok.tif", Image.fromarray(
         np.array([[0.0, 127.5, 255.0]], dtype=np.float32), mode="F"))))[0, :, 0].tolist() == [0, 128, 255]
+    # a processing pipeline's rounding just outside the range is clipped, not refused
+    assert np.asarray(load_image(_save(tmp_path, "slack.tif", Image.fromarray(
+        np.array([[-1e-7, 0.5, 1.0000005]], dtype=np.float32), mode="F"))))[0, :, 0].tolist() == [0, 128, 255]
 
 
 @pytest.mark.parametrize("values,match", [(np.array([[-1000, 0, 1000]]), "negative values"),
@@ -86,6 +90,19 @@ def test_thirty_two_bit_integer_image_outside_sixteen_bits_is_an_error(tmp_path,
     path = _save(tmp_path, "i.tif", Image.fromarray(values.astype(np.int32), mode="I"))
     with pytest.raises(DataError, match=f"i.tif .*{match}"):
         load_image(path)
+
+
+@pytest.mark.parametrize("mode,compression", [("RGB", None), ("L", None), ("L", "tiff_lzw"), ("RGB", "tiff_lzw")])
+def test_oriented_tiff_header_size_matches_the_loaded_image(tmp_path, mode, compression):
+    # Pillow orients TIFFs itself, in its header size and (by mode and compression) in the pixels.
+    from slsg.data.io import image_size_of
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "r.tiff"
+    array = np.zeros((20, 30, 3) if mode == "RGB" else (20, 30), dtype=np.uint8)
+    Image.fromarray(array).save(path, exif=exif, **({"compression": compression} if compression else {}))
+    assert image_size_of(path) == load_image(path).size[::-1]
 
 
 def test_exif_orientation_is_applied_to_pixels_and_header_size(tmp_path):
@@ -196,6 +213,17 @@ def test_mask_palette_and_rgb_and_bilevel(tmp_path):
     np.testing.assert_array_equal(load_mask(_save(tmp_path, "c.png", Image.fromarray(rgb)))[0], [False, True, False])
     bilevel = Image.fromarray(np.array([[0, 255, 255]], dtype=np.uint8)).convert("1")
     np.testing.assert_array_equal(load_mask(_save(tmp_path, "b.png", bilevel))[0], [False, True, True])
+
+
+def test_mask_drawn_in_the_alpha_channel(tmp_path):
+    # Black everywhere, the defect opaque on a transparent background: RGB alone read as empty.
+    rgba = np.zeros((6, 8, 4), dtype=np.uint8)
+    rgba[1:3, 2:5, 3] = 255
+    mask = load_mask(_save(tmp_path, "m.png", Image.fromarray(rgba, mode="RGBA")))
+    assert mask.sum() == 6 and mask[1:3, 2:5].all()
+    rgba[..., :3] = 255  # white on transparent: the colour decides, as before
+    rgba[1:3, 2:5, :3] = 0
+    assert load_mask(_save(tmp_path, "w.png", Image.fromarray(rgba, mode="RGBA"))).sum() == 6 * 8 - 6
 
 
 def test_mask_values_are_raw(tmp_path):
