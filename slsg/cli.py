@@ -314,6 +314,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     bit_depth = getattr(detector.config, "bit_depth", None)
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
+    warned_scale = False
     used_names: set[str] = set()
     for start in range(0, len(paths), args.batch_size):
         chunk, originals = [], []
@@ -326,7 +327,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 print(f"{path}\tskipped: {exc}", file=sys.stderr)
         if not chunk:
             continue
-        _warn_if_far_larger(detector, chunk, originals)
+        warned_scale = warned_scale or _warn_if_far_larger(detector, chunk, originals)
         try:
             scores, maps = detector.predict_each([resize_image(im, size) for im in originals])
         except (RuntimeError, MemoryError) as exc:
@@ -365,22 +366,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-_warned_scale = False
-
-
-def _warn_if_far_larger(detector, paths, images) -> None:
-    """Once: an image whose model input has over 16 times the pixels of the training images' is
-    scored at full size (keep_aspect scales every image alike): slow, memory hungry, and scored on
-    patches at another scale than the memory bank's if it shows the product larger."""
-    global _warned_scale
+def _warn_if_far_larger(detector, paths, images) -> bool:
+    """Whether it warned (once per run is enough): an image whose model input has over 16 times
+    the pixels of the training images' is scored at full size (keep_aspect scales every image
+    alike): slow, memory hungry, and scored on patches at another scale than the memory bank's if
+    it shows the product larger."""
     usual = detector.config.image_size ** 2
     for path, image in zip(paths, images):
         h, w = detector.input_size(image.height, image.width)
-        if not _warned_scale and h * w > 16 * usual:
-            _warned_scale = True
+        if h * w > 16 * usual:
             print(f"warning: {path} becomes a {w} x {h} model input, over 16 times the pixels of the training "
                   f"images' (about {detector.config.image_size} px on the shorter side): expect slow scoring and "
                   "much memory; the model expects images taken like the training images", file=sys.stderr)
+            return True
+    return False
 
 
 def cmd_download(args: argparse.Namespace) -> int:

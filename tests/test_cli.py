@@ -119,6 +119,16 @@ def test_predict_skips_unreadable_images_and_keeps_the_others(capsys, tmp_path, 
     assert code == 2 and "is a link to nothing" in err
 
 
+def test_predict_warns_once_about_images_far_larger_than_the_training_images(capsys, tmp_path, tiny_model):
+    from PIL import Image
+
+    for name in ("big1.png", "big2.png"):
+        Image.new("RGB", (200, 200), (90, 120, 30)).save(tmp_path / name)  # model trained at 32 px
+    code, _, err = run(capsys, "predict", "--model", tiny_model, tmp_path / "big1.png", tmp_path / "big2.png",
+                       "--batch-size", 1, "--quiet")
+    assert code == 0 and err.count("over 16 times the pixels of the training images") == 1, err
+
+
 def test_predict_never_overwrites_a_heatmap(capsys, tmp_path, tiny_model):
     # "a_3.png" and two "a.png": the fallback name of a duplicate must not hit a third file.
     from PIL import Image
