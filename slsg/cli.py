@@ -213,7 +213,7 @@ def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_fit(args: argparse.Namespace) -> int:
-    from slsg.data import open_dataset
+    from slsg.data import DataError, open_dataset
     from slsg.detectors import MemoryBankConfig, MemoryBankDetector
     from slsg.report import remove_report_heatmaps
 
@@ -228,7 +228,13 @@ def cmd_fit(args: argparse.Namespace) -> int:
     detector = MemoryBankDetector(config, progress=not args.quiet)
     train = open_dataset(data, "train", image_size=detector.dataset_image_size, bit_depth=args.bit_depth, **kwargs)
     # Opened before the fit, so a broken test layout fails in seconds, not after it.
-    test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, **kwargs).split_record()
+    try:
+        test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, **kwargs).split_record()
+    except DataError as exc:
+        if "no images found for split 'test'" not in str(exc):
+            raise
+        raise CliError(f"{exc}: nothing to evaluate on (a folder of normal images keeps 1 - --train-ratio of them "
+                       "for the test, with any --abnormal images); add images, or pass --no-eval to fit only") from exc
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start

@@ -365,6 +365,9 @@ def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
     assert code == 2 and "pass --abnormal too" in err
     code, _, err = run(capsys, "fit", "--data", toy, "--train-ratio", 0.5, "--out", tmp_path / "run3", *common)
     assert code == 2 and "comes split into train and test" in err
+    # Every normal image trains and there is no --abnormal: nothing to test on, said before the fit.
+    code, _, err = run(capsys, "fit", "--data", good, "--train-ratio", 1.0, "--out", tmp_path / "run4", *common)
+    assert code == 2 and "pass --no-eval to fit only" in err and not (tmp_path / "run4").exists()
     # The folder is read recursively: a run folder inside it would be read as data by the next fit.
     code, _, err = run(capsys, "fit", "--data", good, "--out", good / "run", *common)
     assert code == 2 and "lies inside the input folder" in err and not (good / "run").exists()

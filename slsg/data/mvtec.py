@@ -58,7 +58,7 @@ class MVTecAD(AnomalyDataset):
                 samples += [Sample(p, 0, "good", "good") for p in images]
                 continue
             for image in images:
-                mask = gt_dir / defect / f"{image.stem}_mask.png"
+                mask = _mask_file(gt_dir / defect, f"{image.stem}_mask.png")
                 if not mask.is_file():
                     raise DataError(f"{self.name}: ground-truth mask {mask} for {image} is missing")
                 samples.append(Sample(image, 1, defect, "structural", (mask,)))
@@ -76,6 +76,16 @@ class MVTecAD(AnomalyDataset):
             stem = mask.stem[: -len("_mask")] if mask.stem.endswith("_mask") else mask.stem
             if stem not in image_stems:
                 raise DataError(f"MVTec AD: mask {mask} has no matching test image")
+
+
+def _mask_file(folder: Path, name: str) -> Path:
+    """``folder / name``, or the one file there whose name differs only in case (NAME_mask.PNG
+    from a tool on a case-insensitive file system)."""
+    path = folder / name
+    if path.is_file() or not folder.is_dir():
+        return path
+    matches = [p for p in folder.iterdir() if p.name.lower() == name.lower()]
+    return matches[0] if len(matches) == 1 else path
 
 
 def _images_in(folder: Path, layout: str) -> list[Path]:

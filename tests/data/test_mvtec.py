@@ -89,6 +89,14 @@ def test_empty_train_folder(mvtec_tree):
         MVTecAD(mvtec_tree, "train")
 
 
+def test_mask_name_differing_in_case_is_found(mvtec_tree):
+    mask = mvtec_tree / "ground_truth" / "hole" / "000_mask.png"
+    mask.rename(mask.with_name("000_mask.PNG"))
+    test = MVTecAD(mvtec_tree, "test")
+    index = [s.defect_type for s in test.samples].index("hole")
+    assert test.samples[index].mask_paths[0].name == "000_mask.PNG" and test.full_mask(index).any()
+
+
 def test_images_the_layout_does_not_read_are_named(mvtec_tree):
     # Moved into a sub-folder, an image vanished from the split without a word.
     good = mvtec_tree / "train" / "good"
