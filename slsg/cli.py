@@ -73,7 +73,11 @@ def _dataset_kwargs(path: Path, args: argparse.Namespace, fitted_with: dict[str,
     split, which ignore them)."""
     from slsg.data import detect_layout
 
-    layout = detect_layout(path)
+    # --layout, else the one the model was fitted with, else the detected one
+    chosen = args.layout or (fitted_with or {}).get("layout")
+    layout = chosen if chosen and chosen != "auto" else detect_layout(path)
+    if chosen and chosen != "auto" and not path.is_dir():
+        detect_layout(path)  # names the problem: missing, or a file
     kwargs: dict[str, Any] = {}
     split = _split_options(args, fitted_with) if layout in SEEDED_LAYOUTS else None
     if layout == "mtd":
@@ -121,7 +125,8 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
 
     size = detector.config.image_size
     bit_depth = getattr(detector.config, "bit_depth", None)
-    test = open_dataset(data, "test", image_size=detector.dataset_image_size, bit_depth=bit_depth, **kwargs)
+    test = open_dataset(data, "test", image_size=detector.dataset_image_size, bit_depth=bit_depth, layout=layout,
+                        **kwargs)
     # The same folder as at the fit only: another folder (another line or batch) may reuse names.
     same_folder = detector.fit_info.get("train_root") == str(data.resolve())
     trained_on = set(detector.fit_info.get("train_files") or ()) if same_folder else set()
@@ -226,10 +231,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                               num_workers=args.workers, embed_dim=args.embed_dim, resize=args.resize,
                               bit_depth=args.bit_depth, edge_band=args.edge_band)
     detector = MemoryBankDetector(config, progress=not args.quiet)
-    train = open_dataset(data, "train", image_size=detector.dataset_image_size, bit_depth=args.bit_depth, **kwargs)
+    train = open_dataset(data, "train", image_size=detector.dataset_image_size, bit_depth=args.bit_depth,
+                         layout=layout, **kwargs)
     # Opened before the fit, so a broken test layout fails in seconds, not after it.
     try:
-        test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, **kwargs).split_record()
+        test_record = None if args.no_eval else open_dataset(data, "test", image_size=None, layout=layout,
+                                                             **kwargs).split_record()
     except DataError as exc:
         if "no images found for split 'test'" not in str(exc):
             raise
@@ -240,6 +247,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     fit_seconds = time.perf_counter() - start
     if split is not None:  # seeded: `slsg test` must rebuild the same split
         detector.fit_info["split"] = split
+    if args.layout not in (None, "auto"):  # chosen, not detected: `slsg test` reads the folder alike
+        detector.fit_info["layout"] = layout
     # `slsg test` refuses a test split that holds any of them (the folder changed since the fit).
     detector.fit_info["train_root"], detector.fit_info["train_files"] = str(data.resolve()), train.relative_paths()
     detector.save(out / "model")
@@ -265,7 +274,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector = load_detector(model_dir)
     detector.progress = not args.quiet
     data = Path(args.data)
-    layout, kwargs, _ = _dataset_kwargs(data, args, detector.fit_info.get("split"))
+    fitted_with = {**(detector.fit_info.get("split") or {}), "layout": detector.fit_info.get("layout")}
+    layout, kwargs, _ = _dataset_kwargs(data, args, fitted_with)
     out = _out_folder(args.out if args.out else model_dir.parent if model_dir.name == "model" else model_dir,
                       _recursive_inputs(layout, args), flag="--out" if args.out else "the run folder")
     _evaluate_and_report(detector, data, layout, kwargs, out, args, detector.fit_info.get("fit_seconds"))
@@ -411,6 +421,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     from slsg.backbones import available
+    from slsg.data.datasets import LAYOUTS
 
     parser = argparse.ArgumentParser(prog="slsg", description="Industrial image anomaly detection (SLSG).")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -430,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "(default 0.8; slsg test: the model's)")
     evaluation.add_argument("--split-seed", type=_non_negative_int, default=None,
                             help="MTD or folder: seed of the train/test split (default 0; slsg test: the model's)")
+    evaluation.add_argument("--layout", choices=("auto", *LAYOUTS), default=None,
+                            help="the dataset's layout instead of the detected one, e.g. 'folder' for normal "
+                                 "images kept only in sub-folders (one per day); slsg test: the model's")
     evaluation.add_argument("--abnormal", default=None,
                             help="folder of normal images: a folder of anomalous test images (sub-folders = defect types)")
     evaluation.add_argument("--masks", default=None,

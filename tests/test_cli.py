@@ -365,6 +365,21 @@ def test_fit_on_a_plain_folder_of_normal_images(capsys, tmp_path):
     assert code == 2 and "pass --abnormal too" in err
     code, _, err = run(capsys, "fit", "--data", toy, "--train-ratio", 0.5, "--out", tmp_path / "run3", *common)
     assert code == 2 and "comes split into train and test" in err
+    # Normal images kept only in sub-folders (one per day): refused as a layout, read with --layout folder,
+    # which the model keeps for slsg test.
+    daily = tmp_path / "daily"
+    for i, path in enumerate(sorted(good.glob("*.png"))):
+        (daily / f"day{i % 2}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, daily / f"day{i % 2}" / path.name)
+    code, _, err = run(capsys, "fit", "--data", daily, "--out", tmp_path / "run5", *common)
+    assert code == 2 and "--layout folder" in err
+    code, _, err = run(capsys, "fit", "--data", daily, "--layout", "folder", "--abnormal", tmp_path / "bad",
+                       "--masks", masks, "--out", tmp_path / "run5", *common)
+    assert code == 0, err
+    code, _, err = run(capsys, "test", "--model", tmp_path / "run5", "--data", daily, "--abnormal", tmp_path / "bad",
+                       "--masks", masks, "--quiet", "--heatmaps", 0)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run5" / "metrics.json").read_text())["dataset"]["layout"] == "folder"
     # Every normal image trains and there is no --abnormal: nothing to test on, said before the fit.
     code, _, err = run(capsys, "fit", "--data", good, "--train-ratio", 1.0, "--out", tmp_path / "run4", *common)
     assert code == 2 and "pass --no-eval to fit only" in err and not (tmp_path / "run4").exists()

@@ -38,19 +38,29 @@ def detect_layout(path: str | os.PathLike) -> str:
     categories = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "train" / "good").is_dir())
     others = sorted({p.suffix.lower() or p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".")})
     hint = (f" It holds categories ({', '.join(categories)}): pass one category folder." if categories else
-            " A folder of normal images must hold images directly (not only in sub-folders)"
+            " A folder of normal images must hold images directly (images only in sub-folders, such as one"
+            " per day: pass layout='folder', or slsg fit --layout folder)"
             + (f"; the files directly inside ({', '.join(others[:8])}) are not images of a supported type "
                f"({', '.join(sorted(IMAGE_EXTENSIONS))})." if others else "."))
     raise DataError(f"cannot recognise the dataset layout of {path}. Known layouts: {known}.{hint}")
 
 
+LAYOUTS = tuple(_LAYOUTS)
+
+
 def open_dataset(path: str | os.PathLike, split: str, image_size: int | tuple[int, int] | None = 256,
-                 bit_depth: int | None = None, **kwargs) -> AnomalyDataset:
+                 bit_depth: int | None = None, layout: str | None = None, **kwargs) -> AnomalyDataset:
     """Open the dataset at `path` with the class its layout calls for; extra kwargs go to that class
     (e.g. train_ratio/seed for MTD). ``bit_depth``: bits per sample of images wider than 8 bits
-    (e.g. 12 for a 12-bit camera's 16-bit files; None: their container's 16)."""
+    (e.g. 12 for a 12-bit camera's 16-bit files; None: their container's 16). ``layout``: one of
+    LAYOUTS instead of the detected one (e.g. "folder" for normal images kept only in sub-folders,
+    such as one per day)."""
     check_bit_depth(bit_depth)
-    cls, _ = _LAYOUTS[detect_layout(path)]
+    if layout is not None and layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS} or None, got {layout!r}")
+    if layout is not None and not Path(path).is_dir():
+        detect_layout(path)  # the same error as without a layout: missing, or a file
+    cls, _ = _LAYOUTS[layout or detect_layout(path)]
     dataset = cls(path, split=split, image_size=image_size, **kwargs)
     dataset.bit_depth = bit_depth
     return dataset

@@ -41,3 +41,20 @@ def test_unknown_layout_names_path_and_known_layouts(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         open_dataset(tmp_path / "absent", "train")
+
+
+def test_layout_can_be_chosen_for_images_kept_in_sub_folders(tmp_path):
+    from PIL import Image
+
+    for day in ("2024-05-01", "2024-05-02"):
+        (tmp_path / "good" / day).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (10 * i, 20, 30)).save(tmp_path / "good" / day / f"{i}.png")
+    with pytest.raises(DataError, match="layout='folder'"):
+        open_dataset(tmp_path / "good", "train")
+    train = open_dataset(tmp_path / "good", "train", layout="folder", test_normal_ratio=0.5)
+    assert len(train) == 3 and {p.split("/")[0] for p in train.relative_paths()} <= {"2024-05-01", "2024-05-02"}
+    with pytest.raises(ValueError, match="layout must be one of"):
+        open_dataset(tmp_path / "good", "train", layout="imagenet")
+    with pytest.raises(DataError, match="dataset folder not found"):
+        open_dataset(tmp_path / "nowhere", "train", layout="folder")
