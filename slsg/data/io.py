@@ -50,10 +50,11 @@ def _open(path: str | os.PathLike) -> Image.Image:
     try:
         with _no_pixel_limit():
             image = Image.open(path)
+            oriented = _orientation_is_read(image)
             image.load()  # decode now: truncated or corrupt files fail here, not later
             # As viewers and annotation tools show it (a camera's orientation tag), so that
             # masks drawn on the displayed image line up.
-            if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            if oriented and image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
                 image = ImageOps.exif_transpose(image)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise DataError(f"cannot read image file {path}: {type(exc).__name__}: {exc}") from exc
@@ -80,6 +81,13 @@ _PIXEL_LIMIT_LOCK = threading.RLock()
 
 # EXIF orientations that swap width and height (transpose, rotations by 90 or 270 degrees).
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+
+
+def _orientation_is_read(image: Image.Image) -> bool:
+    """Whether an opened (not yet decoded) image's EXIF orientation is honoured: always, except a
+    PNG's eXIf chunk after the pixel data (rare), which only decoding the image would find; the
+    header size (image_size_of) must agree without decoding every image."""
+    return image.format != "PNG" or "exif" in image.info
 
 
 BIT_DEPTHS = range(8, 17)
@@ -261,7 +269,8 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with _no_pixel_limit(), Image.open(path) as image:
             width, height = image.size
-            orientation, tiff = image.getexif().get(ExifTags.Base.Orientation, 1), image.format == "TIFF"
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if _orientation_is_read(image) else 1
+            tiff = image.format == "TIFF"
     except Exception as exc:
         raise DataError(f"cannot read image header of {path}: {type(exc).__name__}: {exc}") from exc
     if orientation != 1 and tiff:
