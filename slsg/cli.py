@@ -240,8 +240,9 @@ def cmd_fit(args: argparse.Namespace) -> int:
     except DataError as exc:
         if "no images found for split 'test'" not in str(exc):
             raise
-        raise CliError(f"{exc}: nothing to evaluate on (a folder of normal images keeps 1 - --train-ratio of them "
-                       "for the test, with any --abnormal images); add images, or pass --no-eval to fit only") from exc
+        how = (" (a folder of normal images keeps 1 - --train-ratio of them for the test, with any --abnormal "
+               "images)" if layout == "folder" else "")
+        raise CliError(f"{exc}: nothing to evaluate on{how}; add images, or pass --no-eval to fit only") from exc
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start
@@ -274,7 +275,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector = load_detector(model_dir)
     detector.progress = not args.quiet
     data = Path(args.data)
-    fitted_with = {**(detector.fit_info.get("split") or {}), "layout": detector.fit_info.get("layout")}
+    # A layout chosen at the fit describes the folder the model was fitted on, not another one.
+    same_folder = detector.fit_info.get("train_root") == str(data.resolve())
+    fitted_with = {**(detector.fit_info.get("split") or {}),
+                   "layout": detector.fit_info.get("layout") if same_folder else None}
     layout, kwargs, _ = _dataset_kwargs(data, args, fitted_with)
     out = _out_folder(args.out if args.out else model_dir.parent if model_dir.name == "model" else model_dir,
                       _recursive_inputs(layout, args), flag="--out" if args.out else "the run folder")

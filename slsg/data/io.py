@@ -50,11 +50,11 @@ def _open(path: str | os.PathLike) -> Image.Image:
     try:
         with _no_pixel_limit():
             image = Image.open(path)
-            oriented = _orientation_is_read(image)
+            orientation = _header_orientation(image)
             image.load()  # decode now: truncated or corrupt files fail here, not later
             # As viewers and annotation tools show it (a camera's orientation tag), so that
             # masks drawn on the displayed image line up.
-            if oriented and image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            if orientation != 1:
                 image = ImageOps.exif_transpose(image)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, ...
         raise DataError(f"cannot read image file {path}: {type(exc).__name__}: {exc}") from exc
@@ -83,11 +83,13 @@ _PIXEL_LIMIT_LOCK = threading.RLock()
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
-def _orientation_is_read(image: Image.Image) -> bool:
-    """Whether an opened (not yet decoded) image's EXIF orientation is honoured: always, except a
-    PNG's eXIf chunk after the pixel data (rare), which only decoding the image would find; the
-    header size (image_size_of) must agree without decoding every image."""
-    return image.format != "PNG" or "exif" in image.info
+def _header_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened, not yet decoded image, from what precedes its pixels.
+    A PNG's own getexif decodes the image to look for an eXIf chunk after the pixels (rare):
+    that made every header-size read (image_size_of) decode its PNG, so PNGs are asked through
+    the base class, which reads the chunks already seen (eXIf, text profiles, XMP)."""
+    exif = Image.Image.getexif(image) if image.format == "PNG" else image.getexif()
+    return exif.get(ExifTags.Base.Orientation, 1)
 
 
 BIT_DEPTHS = range(8, 17)
@@ -269,8 +271,7 @@ def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
     try:
         with _no_pixel_limit(), Image.open(path) as image:
             width, height = image.size
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if _orientation_is_read(image) else 1
-            tiff = image.format == "TIFF"
+            orientation, tiff = _header_orientation(image), image.format == "TIFF"
     except Exception as exc:
         raise DataError(f"cannot read image header of {path}: {type(exc).__name__}: {exc}") from exc
     if orientation != 1 and tiff:

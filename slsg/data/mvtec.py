@@ -79,12 +79,13 @@ class MVTecAD(AnomalyDataset):
 
 
 def _mask_file(folder: Path, name: str) -> Path:
-    """``folder / name``, or the one file there whose name differs only in case (NAME_mask.PNG
-    from a tool on a case-insensitive file system)."""
+    """``folder / name``, or the file there whose name differs only in the case of its extension
+    (NAME_mask.PNG from a tool on a case-insensitive file system). The stem must match exactly:
+    A.png and a.png are two images with two masks."""
     path = folder / name
     if path.is_file() or not folder.is_dir():
         return path
-    matches = [p for p in folder.iterdir() if p.name.lower() == name.lower()]
+    matches = [p for p in folder.iterdir() if p.stem == path.stem and p.suffix.lower() == path.suffix.lower()]
     return matches[0] if len(matches) == 1 else path
 
 

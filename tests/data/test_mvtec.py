@@ -89,12 +89,16 @@ def test_empty_train_folder(mvtec_tree):
         MVTecAD(mvtec_tree, "train")
 
 
-def test_mask_name_differing_in_case_is_found(mvtec_tree):
+def test_mask_extension_differing_in_case_is_found(mvtec_tree):
     mask = mvtec_tree / "ground_truth" / "hole" / "000_mask.png"
     mask.rename(mask.with_name("000_mask.PNG"))
     test = MVTecAD(mvtec_tree, "test")
     index = [s.defect_type for s in test.samples].index("hole")
     assert test.samples[index].mask_paths[0].name == "000_mask.PNG" and test.full_mask(index).any()
+    # a stem in another case is another image's mask, not this one's
+    (mvtec_tree / "ground_truth" / "hole" / "000_mask.PNG").rename(mask.with_name("000_MASK.png"))
+    with pytest.raises(DataError, match="000_mask.png for .* is missing"):
+        MVTecAD(mvtec_tree, "test")
 
 
 def test_images_the_layout_does_not_read_are_named(mvtec_tree):
