@@ -130,6 +130,49 @@ def test_predict_warns_once_about_images_far_larger_than_the_training_images(cap
         assert code == 0 and err.count("over 16 times the pixels of the training images") == 1, err
 
 
+def test_predict_out_of_memory_names_the_image(capsys, tmp_path, tiny_model, monkeypatch):
+    from PIL import Image
+
+    from slsg.detectors import MemoryBankDetector
+
+    for name, side in (("small.png", 40), ("large.png", 90)):
+        Image.new("RGB", (side, side), (90, 120, 30)).save(tmp_path / name)
+
+    def exhausted(self, images):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(MemoryBankDetector, "predict_each", exhausted)
+    code, _, err = run(capsys, "predict", "--model", tiny_model, tmp_path / "small.png", tmp_path / "large.png")
+    assert code == 2 and "out of memory scoring 2 image(s), the largest" in err and "large.png (90 x 90 px" in err
+    assert "use --batch-size 1" in err
+
+    def other_error(self, images):
+        raise RuntimeError("an illegal memory access was encountered")  # not out of memory: raised as it is
+
+    monkeypatch.setattr(MemoryBankDetector, "predict_each", other_error)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        cli.main(["predict", "--model", str(tiny_model), str(tmp_path / "small.png")])
+
+
+def test_warnings_print_as_one_line(capsys, tmp_path):
+    from PIL import Image
+
+    good = tmp_path / "good"
+    good.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 90, 30)).save(good / f"{i}.png")
+    import subprocess
+    import sys
+
+    # a process of its own: pytest records warnings instead of printing them
+    result = subprocess.run([sys.executable, "-m", "slsg.cli", "fit", "--data", str(good), "--out", str(tmp_path / "run"),
+                             "--no-eval", "--weights", "none", "--image-size", "32", "--quiet"],
+                            capture_output=True, text=True, cwd=Path(cli.__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(line.startswith("warning: ") for line in lines), result.stderr  # no source lines
+
+
 def test_predict_never_overwrites_a_heatmap(capsys, tmp_path, tiny_model):
     # "a_3.png" and two "a.png": the fallback name of a duplicate must not hit a third file.
     from PIL import Image
