@@ -73,11 +73,10 @@ def _dataset_kwargs(path: Path, args: argparse.Namespace, fitted_with: dict[str,
     split, which ignore them)."""
     from slsg.data import detect_layout
 
-    # --layout, else the one the model was fitted with, else the detected one
+    # --layout, else the one the model was fitted with, else the detected one (open_dataset
+    # names a missing folder either way)
     chosen = args.layout or (fitted_with or {}).get("layout")
-    layout = chosen if chosen and chosen != "auto" else detect_layout(path)
-    if chosen and chosen != "auto" and not path.is_dir():
-        detect_layout(path)  # names the problem: missing, or a file
+    layout = chosen if chosen not in (None, "auto") else detect_layout(path)
     kwargs: dict[str, Any] = {}
     split = _split_options(args, fitted_with) if layout in SEEDED_LAYOUTS else None
     if layout == "mtd":
@@ -128,8 +127,7 @@ def _evaluate_and_report(detector, data: Path, layout: str, kwargs: dict[str, An
     test = open_dataset(data, "test", image_size=detector.dataset_image_size, bit_depth=bit_depth, layout=layout,
                         **kwargs)
     # The same folder as at the fit only: another folder (another line or batch) may reuse names.
-    same_folder = detector.fit_info.get("train_root") == str(data.resolve())
-    trained_on = set(detector.fit_info.get("train_files") or ()) if same_folder else set()
+    trained_on = set(detector.fit_info.get("train_files") or ()) if _fitted_on(detector, data) else set()
     leaked = [name for name in test.relative_paths() if name in trained_on]
     if leaked:
         raise CliError(f"{len(leaked)} of the {len(test)} test images trained this model (e.g. {leaked[0]}): "
@@ -182,16 +180,23 @@ def _write_split(out: Path, train, test_record: dict | None = None) -> None:
     atomic_write_text(out / "split.json", json.dumps(record, indent=1, default=str) + "\n")
 
 
+def _fitted_on(detector, data: Path) -> bool:
+    """Whether ``data`` is the folder the model was fitted on (as `slsg fit` records it)."""
+    return detector.fit_info.get("train_root") == str(data.resolve())
+
+
 def _recursive_inputs(layout: str, args: argparse.Namespace) -> tuple:
     """The input folders read with all their sub-folders (a folder of normal images, --abnormal,
     --masks); MVTec and MTD layouts read only their fixed sub-folders."""
     return (args.data, args.abnormal, args.masks) if layout == "folder" else ()
 
 
-def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag: str = "--out") -> Path:
+def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag: str = "--out",
+                nested_ok: bool = False) -> Path:
     """--out as a Path, checked before any work (a problem there would otherwise show only at the
-    end). It must not lie inside an input folder: a later run would read what this one writes
-    there (overlays of defective images, plots) as data."""
+    end). It must not be an input folder, nor lie inside one (unless ``nested_ok``: inputs read
+    without their sub-folders): a later run would read what this one writes there (overlays of
+    defective images, plots) as data."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise CliError(f"{flag} {out} exists and is not a folder")
@@ -200,7 +205,12 @@ def _out_folder(path: str | Path, inputs: Sequence[str | Path | None] = (), flag
     target = out.resolve()
     for item in inputs:
         folder = Path(item).resolve() if item is not None else None
-        if folder is not None and folder.is_dir() and (target == folder or folder in target.parents):
+        if folder is None or not folder.is_dir():
+            continue
+        if target == folder:
+            raise CliError(f"{flag} {out} is an input folder: a later run would read the reports and heatmaps "
+                           "written there as images; choose another folder")
+        if not nested_ok and folder in target.parents:
             raise CliError(f"{flag} {out} lies inside the input folder {item}: a later run would read the "
                            f"reports and heatmaps written there as images; choose a folder outside it")
     # A test write into the folder, or into its nearest existing parent where it will be created
@@ -276,9 +286,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     detector.progress = not args.quiet
     data = Path(args.data)
     # A layout chosen at the fit describes the folder the model was fitted on, not another one.
-    same_folder = detector.fit_info.get("train_root") == str(data.resolve())
     fitted_with = {**(detector.fit_info.get("split") or {}),
-                   "layout": detector.fit_info.get("layout") if same_folder else None}
+                   "layout": detector.fit_info.get("layout") if _fitted_on(detector, data) else None}
     layout, kwargs, _ = _dataset_kwargs(data, args, fitted_with)
     out = _out_folder(args.out if args.out else model_dir.parent if model_dir.name == "model" else model_dir,
                       _recursive_inputs(layout, args), flag="--out" if args.out else "the run folder")
@@ -321,12 +330,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from slsg.report import heat_window, overlay_heatmap, save_png, unique_name
     from slsg.utils import atomic_write_text
 
+    # Non-recursive reads see only a folder's own files: a sub-folder for the output is fine.
     inputs = [item for item in args.images if Path(item).is_dir()]
-    # Non-recursive reads see only a folder's own files: a subfolder for the output is fine.
-    out = (_out_folder(args.out, inputs if args.recursive else ()) if args.out else None)
-    if out is not None and not args.recursive and out.resolve() in {Path(i).resolve() for i in inputs}:
-        raise CliError(f"--out {args.out} is an input folder: a later run would score the heatmaps written "
-                       "there as images; choose another folder")
+    out = _out_folder(args.out, inputs, nested_ok=not args.recursive) if args.out else None
     detector = load_detector(args.model)
     paths = _expand_images(args.images, args.recursive)
     size = detector.dataset_image_size

@@ -92,8 +92,9 @@ def _mask_file(folder: Path, name: str) -> Path:
 def _images_in(folder: Path, layout: str) -> list[Path]:
     """The images directly in ``folder``, as the layout has them; a warning names what it leaves
     out (images in sub-folders, an empty folder), which would otherwise vanish from the split."""
-    images = list_images(folder)
-    nested = len(list_images(folder, recursive=True)) - len(images)
+    everything = list_images(folder, recursive=True)  # one walk; the direct ones keep their order
+    images = [p for p in everything if p.parent == folder]
+    nested = len(everything) - len(images)
     if nested:
         warnings.warn(f"{layout}: {nested} image(s) in sub-folders of {folder} are not read (the layout keeps "
                       "images directly in it)", stacklevel=3)
