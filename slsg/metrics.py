@@ -129,27 +129,35 @@ def _split_pixels(map_list: list[np.ndarray], mask_list: list[np.ndarray]) -> tu
 
 
 def _scores_and_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Flatten image scores (1-D) or maps (lists / arrays of any shape) together with their labels."""
+    """Flatten image scores (1-D) or maps (lists / arrays of any shape) together with their labels.
+    Shapes must match before flattening (a [W, H] map against an [H, W] mask is an error, not a
+    reordering of its pixels); a singleton channel ([N, 1, H, W] or [1, H, W]) is dropped first."""
     if isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)) and len(scores) and \
             np.ndim(_to_numpy(scores[0], "scores[0]")) > 0:
-        score_list = [_score_array(s, f"scores[{i}]").ravel() for i, s in enumerate(scores)]
-        label_list = [_binary_array(t, f"labels[{i}]").ravel() for i, t in enumerate(labels)]
+        score_list = [_drop_channel(_score_array(s, f"scores[{i}]"), 3) for i, s in enumerate(scores)]
+        label_list = [_drop_channel(_binary_array(t, f"labels[{i}]"), 3) for i, t in enumerate(labels)]
         if len(score_list) != len(label_list):
             raise ValueError(f"got {len(score_list)} score maps but {len(label_list)} label maps")
         for i, (s, t) in enumerate(zip(score_list, label_list)):
             if s.shape != t.shape:
-                raise ValueError(f"scores[{i}] has {s.size} values but labels[{i}] has {t.size}")
-        s = np.concatenate(score_list).astype(_common_dtype(score_list), copy=False)
-        t = np.concatenate(label_list)
+                raise ValueError(f"scores[{i}] has shape {s.shape} but labels[{i}] has shape {t.shape}")
+        s = np.concatenate([x.ravel() for x in score_list]).astype(_common_dtype(score_list), copy=False)
+        t = np.concatenate([x.ravel() for x in label_list])
     else:
-        s = _score_array(scores, "scores")
-        t = _binary_array(labels, "labels")
+        s = _drop_channel(_score_array(scores, "scores"), 4)
+        t = _drop_channel(_binary_array(labels, "labels"), 4)
         if s.shape != t.shape:
             raise ValueError(f"scores have shape {s.shape} but labels have shape {t.shape}")
         s, t = s.ravel(), t.ravel()
     if s.size == 0:
         raise ValueError("no scores given")
     return s, t
+
+
+def _drop_channel(array: np.ndarray, ndim: int) -> np.ndarray:
+    """Drop the singleton channel of a map of ``ndim`` dimensions ([1, H, W] or [N, 1, H, W])."""
+    axis = ndim - 3
+    return array[(slice(None),) * axis + (0,)] if array.ndim == ndim and array.shape[axis] == 1 else array
 
 
 def _require_both(n_pos: int, n_neg: int, what: str, unit: str = "samples") -> None:

@@ -119,6 +119,16 @@ def test_roc_curve_matches_sklearn():
     assert len(thin[0]) == 10 and thin[0][0] == 0 and thin[0][-1] == 1
 
 
+def test_f1_max_and_roc_curve_check_map_shapes_before_flattening():
+    maps, masks = random_case(5, sizes=((12, 13),) * 3, decimals=2)  # a transposed map: same pixel count
+    transposed = [m.T.copy() for m in maps]
+    for metric in (f1_max, roc_curve):
+        with pytest.raises(ValueError, match=r"scores\[0\] has shape .* labels\[0\] has shape"):
+            metric(transposed, masks)
+    # A singleton channel is dropped, as pixel_auroc and aupro do.
+    stacked, stacked_masks = np.stack(maps)[:, None], np.stack(masks)
+    assert f1_max(stacked, stacked_masks) == f1_max(maps, masks) == f1_max([m[None] for m in maps], masks)
+
 # ----------------------------------------------------------------------------- AUPRO
 
 def test_aupro_hand_computed():

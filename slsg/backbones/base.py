@@ -110,6 +110,7 @@ class Backbone(nn.Module):
         original's: never save or fine-tune it."""
         model = copy.deepcopy(self).freeze()
         model._fuse_conv_bn()
+        model.eval()  # the modules that replaced the batch norms start in training mode
         return model.to(memory_format=torch.channels_last)
 
     def _fuse_conv_bn(self) -> None:
@@ -134,12 +135,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file, pickle with code, not a torch file ...
-        raise WeightsError(f"cannot read weights file {path}: {exc}") from exc
+        # Only the type: torch's unpickling message suggests weights_only=False, unsafe for a file
+        # of unknown origin; the original error stays chained.
+        raise WeightsError(f"cannot read weights file {path} ({type(exc).__name__}): not a state dict saved "
+                           "by torch.save, or a damaged file") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"weights file {path} does not hold a state dict of tensors")
+    if state and all(k.startswith("net.") for k in state):  # a Backbone's own state dict (a saved detector's)
+        state = {k[len("net."):]: v for k, v in state.items()}
     return state
 
 

@@ -1,7 +1,9 @@
 """torchvision ResNet18 / WideResNet50-2 as frozen multi-scale backbones."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import urllib.error
 import urllib.parse
 
@@ -39,13 +41,29 @@ def hub_cache_path(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urllib.parse.urlparse(url).path))
 
 
+# Seconds to wait for a connection or for data: torch.hub opens its URL without a timeout, so a
+# network that drops packets silently would hang the download.
+DOWNLOAD_TIMEOUT = 30.0
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float):
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
 def download_imagenet_state(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights (from the torch hub cache, else downloaded)."""
     url = _torchvision_parts(name)[1].url
     try:
         # check_hash: torchvision file names carry a SHA-256 prefix; a damaged download never reaches the cache
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
-                                                  weights_only=True)
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, check_hash=True,
+                                                      weights_only=True)
     except Exception as exc:
         cached = hub_cache_path(url)
         if os.path.isfile(cached):

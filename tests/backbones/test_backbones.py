@@ -27,6 +27,28 @@ def test_feature_shapes_and_channels(name):
         assert f.shape == (2, backbone.channels[stride], 64 // stride, 96 // stride)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "resnet18"])
+def test_fused_copy_computes_the_same_features(name):
+    torch.manual_seed(4)
+    backbone = create(name, weights=None)
+    for m in backbone.modules():  # batch-norm statistics away from the identity, so folding matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+    fused = backbone.fused()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert not any(m.training for m in fused.modules())
+    assert not any(p.requires_grad for p in fused.parameters())
+    x = torch.rand(2, 3, 67, 45)  # odd sizes
+    with torch.no_grad():
+        expected, got = backbone(x), fused(x)
+    assert sorted(got) == sorted(expected)
+    for stride in expected:
+        torch.testing.assert_close(got[stride], expected[stride], rtol=1e-4, atol=1e-4)
+
+
 def test_frozen_and_stays_in_eval_mode():
     backbone = create("efficientnet_lite0", weights=None)
     assert not any(p.requires_grad for p in backbone.parameters())
@@ -106,6 +128,11 @@ def test_local_weights_file_round_trip(tmp_path):
     # a checkpoint wrapped as {"state_dict": ...} loads too
     torch.save({"state_dict": source.net.state_dict()}, tmp_path / "wrapped.pt")
     create("resnet18", weights=tmp_path / "wrapped.pt")
+    # and so does the Backbone's own state dict (keys "net.*"), as a saved detector holds it
+    torch.save(source.state_dict(), tmp_path / "backbone.pt")
+    loaded = create("resnet18", weights=tmp_path / "backbone.pt")
+    for key, value in loaded.net.state_dict().items():
+        torch.testing.assert_close(value, source.net.state_dict()[key])
 
 
 def test_efficientnet_accepts_both_key_layouts(tmp_path):
@@ -146,8 +173,9 @@ def test_weight_file_errors_name_the_path(tmp_path):
         create("resnet18", weights=tmp_path / "missing.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a torch file")
-    with pytest.raises(WeightsError, match="corrupt.pth"):
+    with pytest.raises(WeightsError, match="corrupt.pth") as info:
         create("efficientnet_lite0", weights=corrupt)
+    assert "weights_only" not in str(info.value)  # torch's advice to unpickle an unknown file is not passed on
     wrong = tmp_path / "r18.pth"
     torch.save(create("resnet18", weights=None).net.state_dict(), wrong)
     with pytest.raises(WeightsError, match="r18.pth"):
@@ -181,6 +209,24 @@ def test_failed_imagenet_download_is_a_weights_error(monkeypatch, tmp_path, exc)
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing)
     with pytest.raises(WeightsError, match=r"resnet18-f37072fd\.pth.*" + type(exc).__name__ + r".*weights=PATH"):
         create("resnet18", weights="imagenet")
+
+
+def test_imagenet_download_has_a_socket_timeout(monkeypatch, tmp_path):
+    import socket
+
+    seen = []
+
+    def failing(*args, **kwargs):
+        seen.append(socket.getdefaulttimeout())
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", failing)
+    before = socket.getdefaulttimeout()
+    with pytest.raises(WeightsError):
+        create("resnet18", weights="imagenet")
+    assert seen and seen[0] is not None and 0 < seen[0] <= 60  # torch.hub opens its URL without one
+    assert socket.getdefaulttimeout() == before
 
 
 def test_corrupt_cached_imagenet_weights_name_the_file(monkeypatch, tmp_path):
