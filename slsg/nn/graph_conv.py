@@ -41,7 +41,10 @@ class SelfAttentiveGraphConv(nn.Module):
 
     Grids with fewer than ``k * dilation`` candidates use a smaller dilation (and k), so
     any N works. ``backend`` ("auto" | "extension" | "reference") picks the ops'
-    implementation; both give the same outputs and gradients.
+    implementation; both give the same outputs and gradients up to rounding, except that in
+    float64 nodes with identical features may be ranked in either order by the kNN graph (see
+    ``slsg.ops.knn_graph``): the outputs then agree, the input gradient goes to another of the
+    identical nodes.
     """
 
     def __init__(
@@ -142,16 +145,21 @@ class SelfAttentiveGraphConv(nn.Module):
 
         k, dilation = self.neighbourhood(N)
         with torch.no_grad():
+            # Neighbours chosen in at least float32: in bf16 / fp16 (autocast) the rounded
+            # similarities and position term would pick other neighbours; this step is cheap.
             features = qk.detach().flatten(2).transpose(1, 2)  # [B, N, P]
+            if features.dtype in (torch.float16, torch.bfloat16):
+                features = features.float()
             bias = self.position_bias(H, W, x.device, features.dtype)
             index = ops.knn_graph(features, k, dilation, bias, self._includes_self(N), backend=self.backend)
         nodes = x.flatten(2).transpose(1, 2).contiguous()  # [B, N, C]
         if self.sparse_aggregation == "max_relative":
             m = ops.max_relative(nodes, index, backend=self.backend)
         else:
-            values = nodes.reshape(B, N, heads, C // heads).transpose(1, 2)  # [B, heads, N, C/heads]
+            # Under autocast q comes out of a convolution in half precision while x does not.
+            values = nodes.to(q.dtype).reshape(B, N, heads, C // heads).transpose(1, 2)  # [B, heads, N, C/heads]
             m = ops.sparse_graph_attention(q, q, values, index, scale=scale, backend=self.backend)
-            m = m.transpose(1, 2).reshape(B, N, C) - nodes
+            m = m.transpose(1, 2).reshape(B, N, C).to(nodes.dtype) - nodes
         m = m.transpose(1, 2).reshape(B, C, H, W)
 
         y = self.fuse(torch.stack([h, m], dim=2).reshape(B, 2 * C, H, W))  # channels h0, m0, h1, m1, ...

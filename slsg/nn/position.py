@@ -24,8 +24,22 @@ def sincos_2d(dim: int, height: int, width: int, temperature: float = 10000.0) -
     )
 
 
-def relative_position_similarity(dim: int, height: int, width: int) -> torch.Tensor:
+def relative_position_similarity(dim: int, height: int, width: int, temperature: float = 10000.0) -> torch.Tensor:
     """[N, N] similarity of grid positions, 2 e_i . e_j / dim for the sin-cos embeddings e
-    (Vision GNN's relative-position term): 1 for a node with itself, decaying with distance."""
-    e = sincos_2d(dim, height, width)
-    return 2.0 * (e @ e.T) / dim
+    (Vision GNN's relative-position term): 1 for a node with itself, decaying with distance.
+
+    Computed in closed form, sin a sin b + cos a cos b = cos(a - b): a sum of cosines of the column
+    and of the row offsets. So it depends on |dx| and |dy| only, exactly: offsets (3, 2) and (2, 3)
+    get bit-identical values (a matmul of the embeddings rounds them differently, and the kNN graph
+    then breaks such ties one way on one backend and the other way on another)."""
+    if dim % 4 or dim <= 0:
+        raise ValueError(f"relative_position_similarity: dim must be a positive multiple of 4, got {dim}")
+    quarter = dim // 4  # frequencies per axis
+    omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    offsets = torch.arange(max(height, width), dtype=torch.float64)
+    per_offset = torch.cos(offsets[:, None] * omega[None, :]).sum(1)  # [max(H, W)]: sum_f cos(omega_f d)
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    dy = (rows[:, None] - rows[None, :]).abs()
+    dx = (cols[:, None] - cols[None, :]).abs()
+    return (2.0 / dim) * (per_offset[dx] + per_offset[dy])

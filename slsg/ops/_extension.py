@@ -82,7 +82,24 @@ def use_extension(op: str, device: torch.device, backend: str) -> bool:
         )
     if backend not in ("auto", "extension"):
         raise ValueError(f"{op}: backend must be 'auto', 'extension' or 'reference', got {backend!r}")
+    if not available and device.type == "cuda" and EXTENSION_LOADED and not _warned_no_cuda \
+            and not torch.compiler.is_compiling():
+        _warn_no_cuda_kernels()
     return available
+
+
+_warned_no_cuda = False
+
+
+def _warn_no_cuda_kernels() -> None:
+    # The import-time warning covers a missing extension; this one an extension built without CUDA
+    # (no toolkit at install time), whose CUDA tensors would otherwise quietly take the slow path.
+    global _warned_no_cuda
+    _warned_no_cuda = True
+    warnings.warn("slsg: the compiled extension has no CUDA kernels (built without a CUDA toolkit); ops on "
+                  "CUDA tensors use the pure-PyTorch reference, which is slower. Reinstall with a CUDA toolkit "
+                  "present (SLSG_WITH_CUDA=1 makes that an error when it cannot build them).",
+                  RuntimeWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

@@ -129,6 +129,36 @@ def test_position_similarity_is_one_on_the_diagonal_and_decays():
     torch.testing.assert_close(e[1, :2], torch.tensor([math.sin(1.0), math.sin(1.0 / 100)], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dim,height,width", [(8, 7, 6), (64, 5, 9), (16, 1, 4)])
+def test_position_similarity_is_the_embeddings_product_and_exact_in_offsets(dim, height, width):
+    e = sincos_2d(dim, height, width)
+    r = relative_position_similarity(dim, height, width)
+    torch.testing.assert_close(r, 2.0 * (e @ e.T) / dim, rtol=0, atol=1e-12)
+    assert torch.equal(r, r.T) and (r.diagonal() == 1).all()
+    # Offsets (dx, dy) and (dy, dx), and signs: bit-identical, so no backend breaks ties by rounding.
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    dx = (cols.flatten()[:, None] - cols.flatten()[None, :]).abs()
+    dy = (rows.flatten()[:, None] - rows.flatten()[None, :]).abs()
+    for a in range(max(height, width)):
+        for b in range(max(height, width)):
+            values = torch.cat([r[(dx == a) & (dy == b)], r[(dx == b) & (dy == a)]])
+            if values.numel():
+                assert (values == values[0]).all(), (a, b)
+
+
+@pytest.mark.parametrize("sparse_aggregation", ["max_relative", "attention"])
+def test_runs_under_bfloat16_autocast(sparse_aggregation):
+    torch.manual_seed(7)
+    layer = SelfAttentiveGraphConv(16, heads=2, sparse_aggregation=sparse_aggregation).eval()
+    x = torch.randn(2, 16, 7, 5)
+    with torch.no_grad():
+        expected = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    assert (got.float() - expected).norm() < 0.1 * expected.norm()  # bf16 has 8 significant bits
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [

@@ -83,3 +83,21 @@ def test_a_missing_extension_is_reported_as_not_built(monkeypatch):
     monkeypatch.delattr(slsg, "_C", raising=False)
     monkeypatch.setattr(_extension.importlib.util, "find_spec", lambda name: None)
     assert _extension._load() == (False, "slsg._C is not built")
+
+
+def test_an_extension_without_cuda_kernels_warns_once_on_cuda_tensors(monkeypatch):
+    import warnings
+
+    from slsg.ops import _extension
+
+    monkeypatch.setattr(_extension, "EXTENSION_LOADED", True)
+    monkeypatch.setattr(_extension, "_KERNELS", {("knn_graph", "cpu"): True, ("knn_graph", "cuda"): False})
+    monkeypatch.setattr(_extension, "_warned_no_cuda", False)
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="no CUDA kernels"):
+        assert _extension.use_extension("knn_graph", cuda, "auto") is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _extension.use_extension("knn_graph", cuda, "auto") is False  # once per process
+        assert _extension.use_extension("knn_graph", torch.device("cpu"), "auto") is True
+        assert _extension.use_extension("knn_graph", cuda, "reference") is False

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from .rng import chance, randint, uniform
@@ -97,9 +98,9 @@ def self_content_source(
 ) -> tuple[torch.Tensor, list[str]]:
     """Build a self-content source for ``image`` (float ``[3, H, W]`` in [0, 1]).
 
-    other: another normal image of the same size, or a zero-argument callable
-    returning one (called only when the draw picks it), used with probability
-    ``params.other_prob``. Returns the source and the list of operations applied.
+    other: another normal image (resized to the image's size when it differs), or a
+    zero-argument callable returning one (called only when the draw picks it), used with
+    probability ``params.other_prob``. A grid larger than the image is cut down to it. Returns the source and the list of operations applied.
     At least one layout operation (shuffle or row copy) is always applied, otherwise
     the source would be the image itself and the "anomaly" invisible.
     """
@@ -109,9 +110,11 @@ def self_content_source(
     if other is not None and chance(generator, params.other_prob):
         other = other() if callable(other) else other
         check_image(other, "other_normal")
-        if other.shape != image.shape:
-            raise ValueError(f"other_normal has shape {list(other.shape)} but image has {list(image.shape)}")
-        x, ops = other.to(image.device, image.dtype), ["other"]
+        other = other.to(image.device, image.dtype)
+        if other.shape != image.shape:  # normal images of varied size (a folder read at its own sizes)
+            other = F.interpolate(other[None].float(), size=(h, w), mode="bilinear", align_corners=False,
+                                  antialias=True)[0].clamp_(0.0, 1.0).to(image.dtype)
+        x, ops = other, ["other"]
     if chance(generator, params.flip_prob):
         kind = randint(generator, 0, 2)
         x = x.flip(-1) if kind == 0 else x.flip(-2) if kind == 1 else x.flip(-1, -2)
@@ -121,11 +124,12 @@ def self_content_source(
     rows = chance(generator, params.row_copy_prob)
     if not (shuffle or rows):
         shuffle = True
+    grid = (min(params.grid[0], h), min(params.grid[1], w))  # tiny images: cells of one pixel
     if shuffle:
-        x = grid_shuffle(x, params.grid, generator)
-        ops.append(f"shuffle{params.grid[0]}x{params.grid[1]}")
+        x = grid_shuffle(x, grid, generator)
+        ops.append(f"shuffle{grid[0]}x{grid[1]}")
     if rows:
-        band = max(1, min(h // 2, h // params.grid[0]))
+        band = max(1, min(h // 2, h // grid[0]))
         x = copy_rows(x, band, generator)
         ops.append("rowcopy")
     return x, ops

@@ -199,13 +199,13 @@ class AnomalySynthesizer:
             # Colour ops are only reliable in float32; hand back the caller's dtype.
             result = self.sample(image.float(), generator, other_normal=_as_float32(other_normal),
                                  foreground=foreground, branch=branch)
-            result.image, result.mask, result.source = (
-                result.image.to(image.dtype), result.mask.to(image.dtype), result.source.to(image.dtype))
+            mask = result.mask.to(image.dtype)
+            # Pixels outside the mask are the caller's own, not a float32 round trip of them.
+            result.image = torch.where(mask.bool(), result.image.to(image.dtype), image)
+            result.mask, result.source = mask, result.source.to(image.dtype)
             return result
         if isinstance(other_normal, torch.Tensor):
-            check_image(other_normal, "other_normal")
-            if other_normal.shape != image.shape:
-                raise ValueError(f"other_normal has shape {list(other_normal.shape)}, image {list(image.shape)}")
+            check_image(other_normal, "other_normal")  # its size may differ: resized where it is used
         elif other_normal is not None and not callable(other_normal):
             raise TypeError(f"other_normal must be a tensor, a callable or None, got {type(other_normal).__name__}")
         if foreground is not None:

@@ -87,7 +87,22 @@ def test_at_least_one_layout_op_and_determinism():
     assert torch.equal(a, b)
 
 
-def test_other_of_wrong_shape_fails():
-    p = SelfContentParams(other_prob=1.0)
-    with pytest.raises(ValueError, match="other_normal has shape"):
-        self_content_source(smooth_image(32), gen(), p, smooth_image(16))
+def test_other_of_another_size_is_resized_and_other_channels_fail():
+    # Normal images of a folder read at their own sizes differ in size.
+    p = SelfContentParams(other_prob=1.0, flip_prob=0.0, brightness=0, contrast=0, saturation=0, hue=0,
+                          grid=(1, 2), shuffle_prob=1.0, row_copy_prob=0.0)
+    other = smooth_image(16, 3)
+    source, ops = self_content_source(smooth_image(32), gen(), p, other)
+    assert ops[0] == "other" and source.shape == (3, 32, 32)
+    resized = torch.nn.functional.interpolate(other[None], size=(32, 32), mode="bilinear", antialias=True)[0]
+    swapped = torch.cat([resized[..., 16:], resized[..., :16]], dim=-1)  # 1 x 2 cells, shuffled
+    torch.testing.assert_close(source, swapped.clamp(0, 1))
+    with pytest.raises(ValueError, match=r"other_normal must have shape \[3, H, W\]"):
+        self_content_source(smooth_image(32), gen(), p, smooth_image(32)[:1])
+
+
+def test_grid_larger_than_the_image_is_cut_down():
+    p = SelfContentParams(grid=(8, 8), shuffle_prob=1.0, row_copy_prob=1.0)
+    for seed in range(10):
+        source, ops = self_content_source(torch.rand(3, 64, 5, generator=gen(seed)), gen(seed), p)
+        assert source.shape == (3, 64, 5) and "shuffle8x5" in ops

@@ -126,8 +126,10 @@ def test_other_normal_tensor_and_callable():
     r1 = synth.sample(image, gen(1), other_normal=other)
     r2 = synth.sample(image, gen(1), other_normal=lambda: other)
     assert "other" in r1.ops and torch.equal(r1.image, r2.image)
+    smaller = synth.sample(image, gen(1), other_normal=smooth_image(32, 5))  # resized to the image
+    assert "other" in smaller.ops and smaller.image.shape == image.shape
     with pytest.raises(ValueError, match="other_normal"):
-        synth(image, gen(), other_normal=smooth_image(32))
+        synth(image, gen(), other_normal=smooth_image(32)[:1])
     with pytest.raises(TypeError, match="other_normal"):
         synth(image, gen(), other_normal="other.png")
 
@@ -171,8 +173,10 @@ def test_non_square_images():
 
 
 def test_other_float_dtypes_are_returned_as_given():
-    image = smooth_image(32).double()
+    image = (smooth_image(32).double() + 1e-9).clamp(0, 1)  # not exact in float32
     aug, mask = AnomalySynthesizer()(image, gen(0), other_normal=smooth_image(32, 2).double())
     assert aug.dtype == torch.float64 and mask.dtype == torch.float64
     aug32, _ = AnomalySynthesizer()(image.float(), gen(0), other_normal=smooth_image(32, 2))
     torch.testing.assert_close(aug.float(), aug32)
+    outside = ~mask.bool().expand_as(image)
+    assert torch.equal(aug[outside], image[outside])  # the caller's pixels, not a float32 round trip
