@@ -341,7 +341,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     records: list[dict[str, Any]] = []
     failed: list[dict[str, str]] = []
     warned_scale = False
-    used_names: set[str] = set()
+    # Input files in the output folder itself (`imgs/*.png --out imgs`): an overlay must not take one's
+    # name ("a.png" and "a_heatmap.png" given) and overwrite it.
+    used_names = {p.name for p in paths if p.resolve().parent == out.resolve()} if out is not None else set()
     for start in range(0, len(paths), args.batch_size):
         chunk, originals = [], []
         for path in paths[start:start + args.batch_size]:

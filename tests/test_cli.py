@@ -187,6 +187,22 @@ def test_predict_never_overwrites_a_heatmap(capsys, tmp_path, tiny_model):
     assert len(set(names)) == 3 and all((tmp_path / "pred" / n).is_file() for n in names)
 
 
+def test_predict_into_the_images_own_folder_never_overwrites_an_input(capsys, tmp_path, tiny_model):
+    from PIL import Image
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.new("RGB", (20, 20), (10, 90, 30)).save(imgs / "a.png")
+    Image.new("RGB", (20, 20), (200, 90, 30)).save(imgs / "a_heatmap.png")  # an input, by its name
+    before = (imgs / "a_heatmap.png").read_bytes()
+    code, _, err = run(capsys, "predict", "--model", tiny_model, imgs / "a.png", imgs / "a_heatmap.png",
+                       "--out", imgs, "--quiet")
+    assert code == 0, err
+    assert (imgs / "a_heatmap.png").read_bytes() == before
+    names = [r["heatmap"] for r in json.loads((imgs / "predictions.json").read_text())["predictions"]]
+    assert "a_heatmap.png" not in names and len(set(names)) == 2 and all((imgs / n).is_file() for n in names)
+
+
 def test_worker_errors_show_the_original_message():
     from slsg.cli import worker_message
 
