@@ -497,11 +497,13 @@ def loco_splits(kinds: Sequence[str]) -> dict[str, np.ndarray]:
 
 
 def evaluate_splits(image_scores: Any, kinds: Sequence[str], maps: Any = None, region_masks: Any = None,
-                    fpr_limit: float = 0.05) -> dict[str, dict[str, float]]:
+                    fpr_limit: float = 0.05) -> dict[str, dict[str, float | None]]:
     """Image AUROC (and AU-sPRO when maps and region_masks are given) on each LOCO split.
 
-    Labels follow from kinds (good = 0). Adds "mean": the average of the logical and
-    structural results when both exist.
+    Labels follow from kinds (good = 0). Image AUROC is None on a split without good or
+    without anomalous images (sPRO needs only the normal pixels around the regions). Adds
+    "mean": the average of the logical and structural results when both exist (None where
+    either is).
     """
     scores = _score_array(image_scores, "image_scores").ravel()
     kinds = list(kinds)
@@ -512,13 +514,15 @@ def evaluate_splits(image_scores: Any, kinds: Sequence[str], maps: Any = None, r
         map_list = _map_list(maps, "maps", _score_array)
         if len(map_list) != len(kinds) or region_masks is None or len(region_masks) != len(kinds):
             raise ValueError("maps and region_masks need one entry per image score")
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, float | None]] = {}
     for name, index in loco_splits(kinds).items():
-        result = {"image_auroc": image_auroc(scores[index], labels[index])}
+        both = 0 < int(labels[index].sum()) < len(index)
+        result = {"image_auroc": image_auroc(scores[index], labels[index]) if both else None}
         if maps is not None:
             result["spro"] = spro([map_list[i] for i in index], [region_masks[i] for i in index], fpr_limit)
         results[name] = result
     if "logical" in results and "structural" in results:
-        results["mean"] = {key: (results["logical"][key] + results["structural"][key]) / 2.0
-                           for key in results["logical"]}
+        logical, structural = results["logical"], results["structural"]
+        results["mean"] = {key: None if logical[key] is None or structural[key] is None
+                           else (logical[key] + structural[key]) / 2.0 for key in logical}
     return results

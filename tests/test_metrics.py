@@ -348,6 +348,16 @@ def test_loco_splits_and_evaluation():
     assert results["logical"]["image_auroc"] == image_auroc(scores[[0, 1, 3, 4]], [0, 1, 0, 1])
     assert results["mean"]["image_auroc"] == pytest.approx(
         (results["logical"]["image_auroc"] + results["structural"]["image_auroc"]) / 2)
+    # Without good test images image AUROC is undefined, sPRO is not (normal pixels around the regions).
+    defective = [1, 2, 4, 5]
+    maps = [np.full((4, 4), v) for v in scores[defective]]
+    for m in maps:
+        m[0, 0] += 1.0
+    regions = [[np.pad(np.ones((1, 1), bool), ((0, 3), (0, 3)))] for _ in defective]
+    results = evaluate_splits(scores[defective], [kinds[i] for i in defective], maps, regions)
+    assert results["logical"]["image_auroc"] is None and results["mean"]["image_auroc"] is None
+    assert results["logical"]["spro"] == spro([maps[0], maps[2]], [regions[0], regions[2]], 0.05)
+    assert results["mean"]["spro"] is not None
 
 
 # ----------------------------------------------------------------------------- speed on real masks

@@ -28,6 +28,11 @@ def detect_layout(path: str | os.PathLike) -> str:
         raise DataError(f"{path} is a file, not a dataset folder" if path.exists() else f"dataset folder not found: {path}")
     if (path / "defects_config.json").is_file():  # only LOCO has one (MVTecLOCO names what is missing)
         return "mvtec-loco"
+    if any((path / "test" / kind).is_dir() for kind in ("logical_anomalies", "structural_anomalies")):
+        # Read as MVTec AD, its test split would fail on a mask naming convention LOCO does not use.
+        raise DataError(f"{path} looks like an MVTec LOCO AD category (test/logical_anomalies or "
+                        f"test/structural_anomalies) but has no defects_config.json: restore that file "
+                        "from the dataset's archive")
     if (path / "train" / "good").is_dir():
         return "mvtec-ad"
     if (path / "MT_Free").is_dir():

@@ -68,6 +68,10 @@ class DownloadError(RuntimeError):
     """A download could not be completed or verified."""
 
 
+class ExtractionWriteError(DownloadError):
+    """Extracting failed for the destination's sake (disk full, not writable), not the archive's."""
+
+
 @dataclass(frozen=True)
 class _Source:
     url: str
@@ -96,8 +100,11 @@ def _is_complete(folder: Path, dataset: str) -> bool:
 
 
 def _find_category(root: Path, category: str, dataset: str) -> Path | None:
-    """The category folder, directly in root or one level down (archives differ in nesting)."""
-    for candidate in [root / category, *sorted(p / category for p in root.iterdir() if p.is_dir())]:
+    """The category folder, directly in root or one level down (archives differ in nesting).
+    Hidden folders are not looked into: a staging folder left by an extraction that was killed
+    holds a partial copy."""
+    nested = sorted(p / category for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for candidate in [root / category, *nested]:
         if _is_complete(candidate, dataset):
             return candidate
     return None
@@ -182,7 +189,14 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, a
 
     with response:
         status = response.getcode() or 200  # file:// URLs report no status
+        if (response.headers.get("Content-Type") or "").lower().startswith("text/html"):
+            # An error or login page served as 200 (expired link, rate limit, captive portal):
+            # not the archive, and a partial download must not be overwritten with it.
+            raise DownloadError(f"{url} answered with a web page (text/html), not the archive: expired link, "
+                                "rate limit or a login page?" + (f" The partial download {part} is kept; "
+                                                                 "run again later to resume" if offset else ""))
         total: int | None = None
+        target = part
         if status == 206:
             content_range = _parse_content_range(response.headers.get("Content-Range"))
             if content_range is None or content_range[0] != offset:
@@ -191,14 +205,18 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, a
             total = content_range[1]
             mode = "ab"
         else:
-            # Full content: the server ignored the Range header (or there was none); start over.
-            offset, mode = 0, "wb"
+            # Full content: the server ignored the Range header (or there was none); start over,
+            # into a second file while a partial one exists, so that this attempt failing early
+            # does not cost what that one holds.
+            kept, offset, mode = offset, 0, "wb"
+            if kept:
+                target = part.with_name(part.name + ".restart")
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         bar = _Progress(progress, total, offset, archive.name)
-        received = offset
+        received, finished = offset, False
         try:
-            with open(part, mode) as handle:
+            with open(target, mode) as handle:
                 while True:
                     try:
                         block = response.read(_CHUNK)
@@ -210,8 +228,14 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool, dataset: str, a
                     handle.write(block)
                     received += len(block)
                     bar.update(len(block))
+            finished = total is None or received == total
         finally:
             bar.close()
+            if target != part:  # this attempt when it ran to its end, else the longer partial download
+                if finished or received > kept:
+                    os.replace(target, part)
+                else:
+                    target.unlink(missing_ok=True)
     if total is not None and received != total:
         raise DownloadError(f"download of {url} stopped at {received} of {total} bytes; "
                             f"run again to resume from {part}")
@@ -243,14 +267,26 @@ def safe_extract(archive: str | os.PathLike, destination: str | os.PathLike) -> 
                 tar.extract(member, destination, **extra)
     except DownloadError:
         raise
-    except Exception as exc:  # tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError, ...
+    except OSError as exc:
+        if exc.errno is None:  # gzip.BadGzipFile and other format errors without an errno
+            raise DownloadError(f"archive {archive} is corrupt or not a tar archive: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        # The disk, not the archive: full, read-only, no permission, file too large.
+        raise ExtractionWriteError(f"cannot extract {archive} into {destination}: "
+                                   f"{exc.strerror or exc} (disk full or not writable?)") from exc
+    except Exception as exc:  # tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, ...
         raise DownloadError(f"archive {archive} is corrupt or not a tar archive: "
                             f"{type(exc).__name__}: {exc}") from exc
 
 
+_STAGING_PREFIX = ".slsg-extract-"
+
+
 def _install(archive: Path, root: Path) -> None:
     """Extract into a temporary folder beside the data, then move each top-level entry into root."""
-    staging = Path(tempfile.mkdtemp(prefix=".slsg-extract-", dir=root))
+    for stale in root.glob(_STAGING_PREFIX + "*"):  # left by an extraction that was killed (gigabytes)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
     try:
         safe_extract(archive, staging)
         for entry in sorted(staging.iterdir()):
@@ -316,11 +352,16 @@ def download(dataset: str, category: str | None, root: str | os.PathLike, url: s
         if actual != expected_sha256:
             raise DownloadError(f"existing archive {archive} has SHA-256 {actual}, expected {expected_sha256}; "
                                 "delete it and run again")
+    # An archive that matched its checksum is never deleted: extraction can fail for the disk's sake.
+    checksum_ok = expected_sha256 is not None
 
     try:
         _install(archive, root)
+    except ExtractionWriteError as exc:
+        raise DownloadError(f"{exc}; the archive is kept at {archive}: free space (or fix the permissions) "
+                            "and run again") from exc
     except DownloadError as exc:
-        if downloaded_now:  # a broken download must not block the next attempt
+        if downloaded_now and not checksum_ok:  # a broken download must not block the next attempt
             archive.unlink()
             raise DownloadError(f"{exc}; the downloaded archive was deleted, run again to retry") from exc
         raise DownloadError(f"{exc}; delete {archive} and run again") from exc

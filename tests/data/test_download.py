@@ -57,6 +57,7 @@ class _Server:
         self.support_range = True
         self.cut_after: int | None = None  # close the connection after this many body bytes
         self.announce_size_on_416 = True  # RFC 9110 says SHOULD; some servers send no Content-Range
+        self.web_page: bytes | None = None  # answer every request with this HTML page (status 200)
         self.requests: list[dict] = []
         server = self
 
@@ -66,6 +67,13 @@ class _Server:
 
             def do_GET(self):
                 server.requests.append({"path": self.path, "range": self.headers.get("Range")})
+                if server.web_page is not None:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html; charset=utf-8")
+                    self.send_header("Content-Length", str(len(server.web_page)))
+                    self.end_headers()
+                    self.wfile.write(server.web_page)
+                    return
                 data, start = server.payload, 0
                 range_header = self.headers.get("Range")
                 if range_header and server.support_range:
@@ -152,6 +160,58 @@ def test_server_without_range_support_restarts(server, bottle_archive, tmp_path)
     (tmp_path / "bottle.tar.xz.part").write_bytes(b"stale bytes that must not be kept")
     download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
     assert (tmp_path / "bottle" / "train" / "good").is_dir()
+
+
+def test_restart_that_fails_early_keeps_the_longer_partial_download(server, bottle_archive, tmp_path):
+    server.support_range = False  # answers 200 with the whole file, then the connection drops
+    part = tmp_path / "bottle.tar.xz.part"
+    part.write_bytes(bottle_archive[: 2 * len(bottle_archive) // 3])
+    server.cut_after = len(bottle_archive) // 3
+    with pytest.raises(DownloadError, match="resume"):
+        download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert part.read_bytes() == bottle_archive[: 2 * len(bottle_archive) // 3]
+    assert [p.name for p in tmp_path.iterdir()] == [part.name]
+    server.cut_after = None
+    download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert (tmp_path / "bottle" / "train" / "good").is_dir()
+
+
+def test_a_web_page_instead_of_the_archive_keeps_the_partial_download(server, bottle_archive, tmp_path):
+    part = tmp_path / "bottle.tar.xz.part"
+    part.write_bytes(bottle_archive[: len(bottle_archive) // 2])
+    server.web_page = b"<html><body>Too many requests</body></html>"
+    with pytest.raises(DownloadError, match=r"web page \(text/html\).*partial download .* is kept"):
+        download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert part.read_bytes() == bottle_archive[: len(bottle_archive) // 2]
+    server.web_page = None
+    download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert server.requests[-1]["range"] == f"bytes={len(bottle_archive) // 2}-"
+
+
+def test_a_killed_extraction_is_not_taken_for_the_category(server, bottle_archive, tmp_path):
+    staging = tmp_path / ".slsg-extract-k1ll3d" / "bottle"  # what a killed extraction leaves behind
+    (staging / "train" / "good").mkdir(parents=True)
+    (staging / "test" / "good").mkdir(parents=True)
+    folder = download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert folder == tmp_path / "bottle" and len(MVTecAD(folder, "test")) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["bottle"]  # the stale staging folder is gone too
+
+
+def test_a_disk_error_while_extracting_keeps_the_verified_archive(server, bottle_archive, tmp_path, monkeypatch):
+    import errno
+    import tarfile
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", full_disk)
+    with pytest.raises(DownloadError, match="No space left on device.*archive is kept"):
+        download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert (tmp_path / "bottle.tar.xz").read_bytes() == bottle_archive
+    monkeypatch.undo()
+    count = len(server.requests)
+    download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
+    assert len(server.requests) == count  # no second download
 
 
 def test_complete_partial_file_gets_416(server, bottle_archive, tmp_path):

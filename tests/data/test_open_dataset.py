@@ -28,6 +28,12 @@ def test_loco_without_validation_is_still_loco(loco_tree):
         open_dataset(loco_tree, "validation", image_size=8)
 
 
+def test_loco_without_its_config_is_named_as_such(loco_tree):
+    (loco_tree / "defects_config.json").unlink()
+    with pytest.raises(DataError, match="MVTec LOCO AD category.*no defects_config.json"):
+        open_dataset(loco_tree, "test", image_size=8)
+
+
 def test_unknown_layout_names_path_and_known_layouts(tmp_path):
     (tmp_path / "stuff").mkdir()
     with pytest.raises(DataError) as error:
