@@ -130,8 +130,9 @@ def _split_pixels(map_list: list[np.ndarray], mask_list: list[np.ndarray]) -> tu
 
 def _scores_and_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     """Flatten image scores (1-D) or maps (lists / arrays of any shape) together with their labels.
-    Shapes must match before flattening (a [W, H] map against an [H, W] mask is an error, not a
-    reordering of its pixels); a singleton channel ([N, 1, H, W] or [1, H, W]) is dropped first."""
+    Maps must match in shape before flattening (a [W, H] map against an [H, W] mask is an error,
+    not a reordering of its pixels); a singleton channel is dropped first ([N, 1, H, W] arrays,
+    [1, H, W] items of a list)."""
     if isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)) and len(scores) and \
             np.ndim(_to_numpy(scores[0], "scores[0]")) > 0:
         score_list = [_drop_channel(_score_array(s, f"scores[{i}]"), 3) for i, s in enumerate(scores)]
@@ -139,7 +140,9 @@ def _scores_and_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray
         if len(score_list) != len(label_list):
             raise ValueError(f"got {len(score_list)} score maps but {len(label_list)} label maps")
         for i, (s, t) in enumerate(zip(score_list, label_list)):
-            if s.shape != t.shape:
+            # Maps must match in shape; a per-image score ([1] from a batch of one) against its label
+            # ([] or [1]) only in size.
+            if (s.shape != t.shape) if min(s.ndim, t.ndim) >= 2 else (s.size != t.size):
                 raise ValueError(f"scores[{i}] has shape {s.shape} but labels[{i}] has shape {t.shape}")
         s = np.concatenate([x.ravel() for x in score_list]).astype(_common_dtype(score_list), copy=False)
         t = np.concatenate([x.ravel() for x in label_list])

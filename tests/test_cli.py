@@ -195,12 +195,19 @@ def test_predict_into_the_images_own_folder_never_overwrites_an_input(capsys, tm
     Image.new("RGB", (20, 20), (10, 90, 30)).save(imgs / "a.png")
     Image.new("RGB", (20, 20), (200, 90, 30)).save(imgs / "a_heatmap.png")  # an input, by its name
     before = (imgs / "a_heatmap.png").read_bytes()
+    raw = tmp_path / "raw"  # and an input that is a link into another folder
+    raw.mkdir()
+    Image.new("RGB", (20, 20), (90, 90, 30)).save(raw / "x.png")
+    Image.new("RGB", (20, 20), (90, 10, 30)).save(imgs / "b.png")
+    (imgs / "b_heatmap.png").symlink_to(raw / "x.png")
     code, _, err = run(capsys, "predict", "--model", tiny_model, imgs / "a.png", imgs / "a_heatmap.png",
-                       "--out", imgs, "--quiet")
+                       imgs / "b.png", imgs / "b_heatmap.png", "--out", imgs, "--quiet")
     assert code == 0, err
     assert (imgs / "a_heatmap.png").read_bytes() == before
+    assert (imgs / "b_heatmap.png").is_symlink()
     names = [r["heatmap"] for r in json.loads((imgs / "predictions.json").read_text())["predictions"]]
-    assert "a_heatmap.png" not in names and len(set(names)) == 2 and all((imgs / n).is_file() for n in names)
+    assert not {"a_heatmap.png", "b_heatmap.png"} & set(names)
+    assert len(set(names)) == 4 and all((imgs / n).is_file() for n in names)
 
 
 def test_worker_errors_show_the_original_message():

@@ -128,6 +128,8 @@ def test_f1_max_and_roc_curve_check_map_shapes_before_flattening():
     # A singleton channel is dropped, as pixel_auroc and aupro do.
     stacked, stacked_masks = np.stack(maps)[:, None], np.stack(masks)
     assert f1_max(stacked, stacked_masks) == f1_max(maps, masks) == f1_max([m[None] for m in maps], masks)
+    # Per-image scores of batches of one, against labels: sizes, not shapes, must agree.
+    assert f1_max([torch.tensor([0.3]), torch.tensor([0.9])], [0, 1]) == 1.0
 
 # ----------------------------------------------------------------------------- AUPRO
 

@@ -282,11 +282,29 @@ def safe_extract(archive: str | os.PathLike, destination: str | os.PathLike) -> 
 _STAGING_PREFIX = ".slsg-extract-"
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Remove staging folders left by extractions that were killed (they can hold gigabytes); those
+    of a download still running in another process (its PID is in the name) stay."""
+    for folder in root.glob(_STAGING_PREFIX + "*"):
+        pid = folder.name[len(_STAGING_PREFIX):].partition("-")[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _install(archive: Path, root: Path) -> None:
     """Extract into a temporary folder beside the data, then move each top-level entry into root."""
-    for stale in root.glob(_STAGING_PREFIX + "*"):  # left by an extraction that was killed (gigabytes)
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=root))
+    _remove_stale_staging(root)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=root))
     try:
         safe_extract(archive, staging)
         for entry in sorted(staging.iterdir()):

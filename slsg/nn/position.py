@@ -38,8 +38,11 @@ def relative_position_similarity(dim: int, height: int, width: int, temperature:
     omega = 1.0 / temperature ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     offsets = torch.arange(max(height, width), dtype=torch.float64)
     per_offset = torch.cos(offsets[:, None] * omega[None, :]).sum(1)  # [max(H, W)]: sum_f cos(omega_f d)
-    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    rows, cols = rows.flatten(), cols.flatten()
-    dy = (rows[:, None] - rows[None, :]).abs()
-    dx = (cols[:, None] - cols[None, :]).abs()
-    return (2.0 / dim) * (per_offset[dx] + per_offset[dy])
+
+    def along(n: int) -> torch.Tensor:  # [n, n]: the term of one axis, by |i - j|
+        i = torch.arange(n)
+        return per_offset[(i[:, None] - i[None, :]).abs()]
+
+    # Row term + column term, broadcast to [H, W, H, W]: one N x N allocation (raster order i = y W + x).
+    n = height * width
+    return ((along(height)[:, None, :, None] + along(width)[None, :, None, :]) * (2.0 / dim)).reshape(n, n)

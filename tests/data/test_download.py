@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import socket
 import tarfile
 import threading
@@ -189,12 +190,20 @@ def test_a_web_page_instead_of_the_archive_keeps_the_partial_download(server, bo
 
 
 def test_a_killed_extraction_is_not_taken_for_the_category(server, bottle_archive, tmp_path):
-    staging = tmp_path / ".slsg-extract-k1ll3d" / "bottle"  # what a killed extraction leaves behind
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    staging = tmp_path / f".slsg-extract-{dead}-k1ll3d" / "bottle"  # what a killed extraction leaves behind
     (staging / "train" / "good").mkdir(parents=True)
     (staging / "test" / "good").mkdir(parents=True)
+    running = tmp_path / f".slsg-extract-{os.getpid()}-busy"  # another download, still extracting
+    running.mkdir()
     folder = download("mvtec-ad", "bottle", tmp_path, url=server.url, progress=False, sha256=_sha(bottle_archive))
     assert folder == tmp_path / "bottle" and len(MVTecAD(folder, "test")) == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["bottle"]  # the stale staging folder is gone too
+    # the killed one's staging folder is gone, the running one's stays
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bottle", running.name])
 
 
 def test_a_disk_error_while_extracting_keeps_the_verified_archive(server, bottle_archive, tmp_path, monkeypatch):

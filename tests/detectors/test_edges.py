@@ -165,7 +165,8 @@ def test_edge_levels_are_estimated_on_the_held_out_images(tmp_path):
     detector = fit_framed(3)
     held_out = [framed_image(i) for i in detector.fit_info["calibration_indices"]]
     raw = [detector.patch_distances(x[None])[0] for x in held_out]
-    torch.testing.assert_close(detector.edge_levels, estimate_edge_levels(raw, 3))
+    # (fit scores the held-out images in batches, here one by one: float32 convolutions round differently)
+    torch.testing.assert_close(detector.edge_levels, estimate_edge_levels(raw, 3), rtol=1e-5, atol=1e-4)
     # predict divides the same raw distances: a detector with levels of 1 gives the undivided map
     image = framed_image(300)[None]
     _, divided = detector.predict(image)

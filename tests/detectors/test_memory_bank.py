@@ -85,13 +85,13 @@ def test_threshold_comes_from_held_out_normal_images(fitted):
                                                    rel=1e-5)
     # 8 bank images x 8x8 patches, half kept by the coreset
     assert info["bank_size"] == 8 * 8 * 8 // 2
-    assert info["embedding_dim"] == 40 + 112
+    assert info["embedding_dim"] == fitted.backbone.channels[8] + fitted.backbone.channels[16]  # Lite2: 48 + 120
 
 
 def test_embedding_is_pooled_concatenation(fitted):
     x = normal_image(3)[None]
     emb = fitted.embed(x)
-    assert emb.shape == (1, SIZE // 8, SIZE // 8, 152)
+    assert emb.shape == (1, SIZE // 8, SIZE // 8, fitted.backbone.channels[8] + fitted.backbone.channels[16])
     with torch.no_grad():
         feats = fitted.backbone(x, strides=(8, 16))
     # independent computation for one interior patch (row 3, col 4)

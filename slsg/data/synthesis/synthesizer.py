@@ -185,8 +185,9 @@ class AnomalySynthesizer:
 
         image: float ``[3, H, W]`` in [0, 1]. generator: drives every random choice
         (must be on the image's device type). other_normal: another normal image of
-        the same product and size, or a zero-argument callable returning one (called
-        only when needed, to avoid loading images for nothing). foreground: optional
+        the same product (resized to the image's size when it differs), or a
+        zero-argument callable returning one (called only when needed, to avoid
+        loading images for nothing). foreground: optional
         bool ``[H, W]`` or ``[1, H, W]`` region anomalies must stay in (for the
         branches the config restricts; overrides the config's estimate).
         branch: force "texture" or "self"; None draws it (self with probability
@@ -199,10 +200,11 @@ class AnomalySynthesizer:
             # Colour ops are only reliable in float32; hand back the caller's dtype.
             result = self.sample(image.float(), generator, other_normal=_as_float32(other_normal),
                                  foreground=foreground, branch=branch)
-            mask = result.mask.to(image.dtype)
-            # Pixels outside the mask are the caller's own, not a float32 round trip of them.
-            result.image = torch.where(mask.bool(), result.image.to(image.dtype), image)
-            result.mask, result.source = mask, result.source.to(image.dtype)
+            # Pixels the float32 run left as they were are the caller's own, not a float32 round trip
+            # of them (inside the mask too: the self branch changes some pixels it does not mark).
+            unchanged = result.image == image.float()
+            result.image = torch.where(unchanged, image, result.image.to(image.dtype))
+            result.mask, result.source = result.mask.to(image.dtype), result.source.to(image.dtype)
             return result
         if isinstance(other_normal, torch.Tensor):
             check_image(other_normal, "other_normal")  # its size may differ: resized where it is used

@@ -180,3 +180,12 @@ def test_other_float_dtypes_are_returned_as_given():
     torch.testing.assert_close(aug.float(), aug32)
     outside = ~mask.bool().expand_as(image)
     assert torch.equal(aug[outside], image[outside])  # the caller's pixels, not a float32 round trip
+    # The self branch changes some pixels it leaves out of the mask (changes below its threshold):
+    # float64 gives the float32 result there too.
+    synth = AnomalySynthesizer(SynthesisConfig(self_content_prob=1.0))
+    for seed in range(6):
+        r64 = synth.sample(image, gen(seed), other_normal=smooth_image(32, 2).double(), branch="self")
+        r32 = synth.sample(image.float(), gen(seed), other_normal=smooth_image(32, 2), branch="self")
+        torch.testing.assert_close(r64.image.float(), r32.image, rtol=0, atol=1e-7)
+        kept = r32.image == image.float()
+        assert torch.equal(r64.image[kept], image[kept])
