@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="dataset folder (MVTec AD / LOCO category, MTD) or a folder of normal images")
     fit.add_argument("--out", required=True, help="run folder for the model, metrics.json and the report")
     fit.add_argument("--backbone", default="efficientnet_lite2", choices=available(),
-                     help="feature extractor (default efficientnet_lite2; efficientnet_lite0 fits about 2x faster)")
+                     help="feature extractor (default efficientnet_lite2; efficientnet_lite0 is smaller and faster)")
     fit.add_argument("--weights", default="imagenet", help="'imagenet', a state-dict file, or 'none'")
     fit.add_argument("--image-size", type=_positive_int, default=256,
                      help="model input size: the training images' median shorter side is scaled to it "

@@ -100,8 +100,8 @@ def self_content_source(
 
     other: another normal image (resized to the image's size when it differs), or a
     zero-argument callable returning one (called only when the draw picks it), used with
-    probability ``params.other_prob``. A grid larger than the image is cut down to it. Returns the source and the list of operations applied.
-    At least one layout operation (shuffle or row copy) is always applied, otherwise
+    probability ``params.other_prob``. A grid larger than the image is cut down to it.
+    Returns the source and the list of operations applied. At least one layout operation (shuffle or row copy) is always applied, otherwise
     the source would be the image itself and the "anomaly" invisible.
     """
     h, w = check_image(image)
