@@ -5,6 +5,7 @@ import contextlib
 import math
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -113,3 +114,30 @@ def squared_norms_fit_float32(t: torch.Tensor, peak: float | None = None, chunk:
         return True
     rows = t.reshape(-1, t.shape[-1])
     return all(float(c.double().square().sum(1).max()) <= _FLOAT32_NORM_LIMIT for c in rows.split(chunk))
+
+
+@contextlib.contextmanager
+def elapsed_status(description: str, enabled: bool = True, interval: float = 1.0) -> Iterator[None]:
+    """A progress line showing ``description`` and the time elapsed, for a long step that cannot
+    report its own progress (one call into a kernel: torch releases the GIL there, so a thread
+    can refresh the line)."""
+    if not enabled:
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=None, desc=description, bar_format="{desc} [{elapsed}]", leave=False)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(interval):
+            bar.refresh()
+
+    thread = threading.Thread(target=tick, name="slsg-elapsed-status", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        bar.close()

@@ -77,3 +77,25 @@ def test_umask_is_read_anew_each_time(tmp_path):
         assert (tmp_path / "private.txt").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_elapsed_status_shows_the_step_and_cleans_up(capsys):
+    import threading
+    import time
+
+    from slsg.utils import elapsed_status
+
+    def ours() -> int:
+        return sum(t.name == "slsg-elapsed-status" for t in threading.enumerate())
+
+    with elapsed_status("coreset: selecting 5 of 50 patches", interval=0.01):
+        time.sleep(0.05)
+    assert "coreset: selecting 5 of 50 patches" in capsys.readouterr().err
+    assert ours() == 0  # the refreshing thread has ended
+    with pytest.raises(KeyError):  # an error inside passes through, the line is closed
+        with elapsed_status("failing step", interval=0.01):
+            raise KeyError("x")
+    assert ours() == 0
+    with elapsed_status("quiet", enabled=False):
+        pass
+    assert "quiet" not in capsys.readouterr().err

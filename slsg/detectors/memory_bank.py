@@ -55,7 +55,7 @@ from slsg.detectors.edges import (band_of_levels, divide_by_edge_levels, edge_cl
 from slsg.data.io import check_bit_depth
 from slsg.memory import MemoryBank
 from slsg.metrics import threshold_from_normal
-from slsg.utils import atomic_path
+from slsg.utils import atomic_path, elapsed_status
 
 
 RESIZE_MODES = ("keep_aspect", "square")
@@ -232,7 +232,10 @@ class MemoryBankDetector(Detector):
         patches = sum((h // cell) * (w // cell) for h, w in (input_sizes[i] for i in bank_index))
         features = self._collect_features(Subset(dataset, bank_index), patches)
         feature_seconds = time.perf_counter() - start
-        self.bank = MemoryBank.build(features, coreset_ratio=cfg.coreset_ratio, seed=cfg.seed)
+        kept = math.ceil(cfg.coreset_ratio * len(features)) if cfg.coreset_ratio is not None else len(features)
+        with elapsed_status(f"coreset: selecting {kept:,} of {len(features):,} patches",
+                            enabled=self.progress and kept < len(features)):
+            self.bank = MemoryBank.build(features, coreset_ratio=cfg.coreset_ratio, seed=cfg.seed)
         coreset_seconds = time.perf_counter() - start - feature_seconds
         del features
 
