@@ -343,7 +343,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     warned_scale = False
     # Input files in the output folder itself (`imgs/*.png --out imgs`): an overlay must not take one's
     # name ("a.png" and "a_heatmap.png" given) and overwrite it.
-    used_names = {p.name for p in paths if p.parent.resolve() == out.resolve()} if out is not None else set()
+    target = out.resolve() if out is not None else None
+    used_names = {p.name for p in paths if p.parent.resolve() == target} if target is not None else set()
     for start in range(0, len(paths), args.batch_size):
         chunk, originals = [], []
         for path in paths[start:start + args.batch_size]:

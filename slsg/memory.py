@@ -148,7 +148,7 @@ class MemoryBank:
         if coreset_ratio is not None:
             if not 0 < coreset_ratio <= 1:
                 raise ValueError(f"MemoryBank.build: coreset_ratio must be in (0, 1], got {coreset_ratio}")
-            n = max(1, math.ceil(coreset_ratio * features.shape[0]))
+            n = coreset_size(features.shape[0], coreset_ratio)
             if n < features.shape[0]:
                 features = features[ops.greedy_coreset(features, n, seed=seed, projection_dim=projection_dim)]
         return cls(features, backend=backend, index=index, device=device)
@@ -428,6 +428,11 @@ class MemoryBank:
                                  f"the features {len(bank)} x {bank.dim})")
             bank._faiss_index = _to_faiss_gpu(index) if bank.features.is_cuda else index
         return bank
+
+
+def coreset_size(rows: int, coreset_ratio: float | None) -> int:
+    """How many of ``rows`` features a bank built with ``coreset_ratio`` keeps."""
+    return rows if coreset_ratio is None else min(rows, max(1, math.ceil(coreset_ratio * rows)))
 
 
 def _relative_error(backend: str, x: torch.Tensor, dim: int) -> float:

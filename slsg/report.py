@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -293,6 +293,7 @@ def write_heatmaps(ev: Evaluation, directory: Path, per_type: int = 2, bit_depth
             out = directory / unique_name(lambda n: f"{base}.png" if n == 1 else f"{base}_{n}.png", used)
             save_png(panel, out)
             written.append(out)
+            # After each overlay: a report stopped partway still names what it wrote.
             atomic_write_text(directory / HEATMAP_MANIFEST, json.dumps({"files": [w.name for w in written]}) + "\n")
     return written
 

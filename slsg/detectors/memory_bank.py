@@ -53,7 +53,7 @@ from slsg.detectors.base import (Detector, ModelError, check_image_batch, collat
 from slsg.detectors.edges import (band_of_levels, divide_by_edge_levels, edge_class_sums, edge_classes,
                                   levels_from_sums, total_class_sums)
 from slsg.data.io import check_bit_depth
-from slsg.memory import MemoryBank
+from slsg.memory import MemoryBank, coreset_size
 from slsg.metrics import threshold_from_normal
 from slsg.utils import atomic_path, elapsed_status
 
@@ -232,7 +232,7 @@ class MemoryBankDetector(Detector):
         patches = sum((h // cell) * (w // cell) for h, w in (input_sizes[i] for i in bank_index))
         features = self._collect_features(Subset(dataset, bank_index), patches)
         feature_seconds = time.perf_counter() - start
-        kept = math.ceil(cfg.coreset_ratio * len(features)) if cfg.coreset_ratio is not None else len(features)
+        kept = coreset_size(len(features), cfg.coreset_ratio)
         with elapsed_status(f"coreset: selecting {kept:,} of {len(features):,} patches",
                             enabled=self.progress and kept < len(features)):
             self.bank = MemoryBank.build(features, coreset_ratio=cfg.coreset_ratio, seed=cfg.seed)
